@@ -1,0 +1,90 @@
+"""witclip's CLIP: model, tokenizer, loss, transforms, zero-shot eval, checkpoints, training.
+
+Named model configs live as data in ``clip/configs/*.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from importlib import resources
+from typing import Any
+
+from .checkpoint import load_model, load_training_state, save_model, save_training_state
+from .loss import ClipLoss
+from .model import CLIP, CLIPConfig, TextConfig, TextTransformer, VisionConfig, VisionTransformer
+from .tokenizer import CaptionTokenizer, train_caption_tokenizer
+from .train import TrainConfig, train
+from .transform import eval_transform, train_transform
+from .zeroshot import build_classifier, evaluate_zeroshot, zeroshot_logits
+
+__all__ = [
+    "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "TextTransformer",
+    "CaptionTokenizer", "train_caption_tokenizer", "tokenize",
+    "ClipLoss", "TrainConfig", "train",
+    "train_transform", "eval_transform",
+    "build_classifier", "zeroshot_logits", "evaluate_zeroshot",
+    "save_model", "load_model", "save_training_state", "load_training_state",
+    "create_model", "get_config", "list_models",
+]
+
+
+def list_models() -> list[str]:
+    """Names of the bundled configs (``clip/configs/<name>.json``)."""
+    files = resources.files(__name__).joinpath("configs").iterdir()
+    return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
+
+
+def _apply_overrides(cfg: CLIPConfig, overrides: dict[str, Any]) -> CLIPConfig:
+    """Override fields by top-level name (``embed_dim``), dotted path (``text.width``),
+    tower prefix (``text_width``, ``vision_layers``), or an unambiguous leaf name
+    (``vocab_size``, ``context_length``, ``image_size``, ``patch_size``)."""
+    top = {f.name for f in fields(CLIPConfig)} - {"vision", "text"}
+    towers = {"vision": {f.name for f in fields(VisionConfig)},
+              "text": {f.name for f in fields(TextConfig)}}
+    changes: dict[str, dict[str, Any]] = {"": {}, "vision": {}, "text": {}}
+    for key, value in overrides.items():
+        if key in top:
+            changes[""][key] = value
+            continue
+        for sep in (".", "_"):
+            tower, _, leaf = key.partition(sep)
+            if tower in towers and leaf in towers[tower]:
+                changes[tower][leaf] = value
+                break
+        else:
+            owners = [t for t, names in towers.items() if key in names]
+            if len(owners) != 1:
+                raise ValueError(f"cannot resolve override {key!r}; use e.g. 'text_{key}' "
+                                 f"or 'vision_{key}'" if owners else f"unknown override {key!r}")
+            changes[owners[0]][key] = value
+    return replace(
+        cfg,
+        vision=replace(cfg.vision, **changes["vision"]),
+        text=replace(cfg.text, **changes["text"]),
+        **changes[""],
+    )
+
+
+def get_config(name: str) -> CLIPConfig:
+    """Load a bundled named config."""
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    path = resources.files(__name__).joinpath("configs", f"{name}.json")
+    return CLIPConfig.from_dict(json.loads(path.read_text()))
+
+
+def create_model(name_or_config: str | CLIPConfig | dict, **overrides: Any) -> CLIP:
+    """Build a randomly initialised CLIP, e.g. ``create_model("tiny", vocab_size=tok.vocab_size)``."""
+    if isinstance(name_or_config, str):
+        cfg = get_config(name_or_config)
+    elif isinstance(name_or_config, dict):
+        cfg = CLIPConfig.from_dict(name_or_config)
+    else:
+        cfg = name_or_config
+    return CLIP(_apply_overrides(cfg, overrides))
+
+
+def tokenize(tokenizer: CaptionTokenizer, texts: str | list[str], context_length: int):
+    """Functional alias for ``tokenizer(texts, context_length)``."""
+    return tokenizer(texts, context_length)

@@ -1,0 +1,1 @@
+"""Prefect orchestration of the witclip pipeline: thin flows over `data/` and `clip/`."""

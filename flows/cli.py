@@ -1,0 +1,156 @@
+"""`witclip` command line: run the pipeline, classify images with a registered model, serve the synthetic web."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from flows.errors import UserError
+
+# Figures shown per stage in the end-of-run table.
+KEY_FIGURES = {
+    "harvest": ("pages_fetched", "candidates"),
+    "crawl": ("urls", "successes", "failed_to_download", "failed_to_resize"),
+    "dedup": ("input", "kept"),
+    "shard": ("train", "val"),
+    "train": ("steps", "final_loss", "samples_seen"),
+    "eval": ("colour_acc1", "shape_acc1", "count_acc1", "mean_acc1"),
+    "register": ("version", "promoted", "mean_acc1"),
+}
+
+
+def check_environment() -> None:
+    """The obsolete `dataclasses` backport (pulled in by img2dataset) breaks Prefect's server subprocess."""
+    spec = importlib.util.find_spec("dataclasses")
+    origin = (spec.origin or "") if spec else ""
+    if "site-packages" in origin or "dist-packages" in origin:
+        raise UserError(
+            f"the obsolete 'dataclasses' backport is installed ({origin}); it shadows the standard library "
+            "and breaks Prefect: run `pip uninstall -y dataclasses`"
+        )
+
+
+def _prefect_defaults() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def print_summary(result: dict, cfg) -> None:
+    rows = [("stage", "status", "seconds", "figures")]
+    for o in result["outcomes"]:
+        counts = o["counts"]
+        figs = " ".join(f"{k}={_fmt(counts[k])}" for k in KEY_FIGURES.get(o["stage"], ()) if k in counts)
+        rows.append((o["stage"], o["status"], f"{o['seconds']:.1f}", figs))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+    uri = result["tracking_uri"]
+    print()
+    print(f"MLflow run: {result['run_id']} (experiment '{cfg.mlflow.experiment}', store {uri})")
+    print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    for o in result["outcomes"]:
+        if o["stage"] == "register":
+            c = o["counts"]
+            state = f"alias @{cfg.mlflow.alias} moved to it" if c.get("promoted") else f"@{cfg.mlflow.alias} unchanged"
+            print(f"Model: models:/{cfg.mlflow.model_name}/{c.get('version')} ({state})")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    check_environment()
+    _prefect_defaults()
+    from flows.pipeline import run_pipeline
+
+    selected = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    result = run_pipeline(cfg, selected, force=args.force)
+    print_summary(result, cfg)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if len(labels) < 2:
+        raise UserError(f"--labels {args.labels!r}: expected at least two comma-separated labels")
+    for img in args.images:
+        if not Path(img).is_file():
+            raise UserError(f"image {img} does not exist")
+    import mlflow
+    import pandas as pd
+
+    from flows.registry import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    check_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except mlflow.exceptions.MlflowException as e:
+        raise UserError(f"model {args.model} could not be loaded from {uri}: {str(e).splitlines()[0]}") from None
+    frame = pd.DataFrame({"image": [str(p) for p in args.images], "labels": [labels] * len(args.images)})
+    out = model.predict(frame)
+    for img, (_, row) in zip(args.images, out.iterrows()):
+        scores = ", ".join(f"{lab}={s:.3f}" for lab, s in zip(labels, row["scores"]))
+        print(f"{img}\t{row['label']}\t({scores})")
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from data.web import main as web_main
+
+    argv = ["--seed", str(args.seed), "--pages", str(args.pages), "--port", str(args.port)]
+    web_main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="witclip", description="Turn the web into a CLIP model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline (stages whose outputs are complete are skipped)")
+    r.add_argument("--config", help="pipeline YAML (default: the embedded demo, as configs/demo.yaml)")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    r.add_argument("--stages", help="comma-separated stages to (re-)run, e.g. eval,register")
+    r.add_argument("--force", action="store_true", help="re-run stages even when complete")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("classify", help="zero-shot classify images with a registered model")
+    c.add_argument("--model", default="models:/witclip@champion", help="MLflow model URI")
+    c.add_argument("--labels", required=True, help='comma-separated candidate labels, e.g. "a red circle,a blue square"')
+    c.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    c.add_argument("images", nargs="+", help="image files")
+    c.set_defaults(fn=cmd_classify)
+
+    w = sub.add_parser("web", help="serve the synthetic web on 127.0.0.1 and print its seed URL")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--pages", type=int, default=200)
+    w.add_argument("--port", type=int, default=0, help="0: let the OS choose")
+    w.set_defaults(fn=cmd_web)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one typed configuration of a witclip pipeline run.
+
+Defaults are the embedded demo (`configs/demo.yaml` spells the same values out). Every section forbids
+unknown keys, so a typo fails before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flows.errors import UserError
+
+STAGES: tuple[str, ...] = ("harvest", "crawl", "dedup", "shard", "train", "eval", "register")
+SYNTHETIC_BENCHMARK_NAMES = ("colour", "shape", "count")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WebConfig(Section):
+    """The embedded synthetic web (no internet needed): served on 127.0.0.1 while harvest/crawl run."""
+
+    enabled: bool = True
+    seed: int = 0
+    n_pages: int = Field(200, ge=1)
+    images_per_page: int = Field(16, ge=1)
+    links_per_page: int = Field(4, ge=1)
+    image_size: int = Field(64, ge=16, le=1024)
+    noisy_alt_rate: float = Field(0.08, ge=0, le=1)
+    exact_duplicate_rate: float = Field(0.04, ge=0, le=1)
+    near_duplicate_rate: float = Field(0.04, ge=0, le=1)
+    fault_rate: float = Field(0.05, ge=0, le=1)
+    slow_seconds: float = Field(3.0, ge=0)
+
+
+class HarvestConfig(Section):
+    seed_url: str | None = None  # None: start from the embedded synthetic web's index page
+    max_pages: int = Field(1000, ge=1)
+    max_depth: int = Field(50, ge=0)
+    allowed_hosts: list[str] = Field(default_factory=list)  # empty: the seed URL's host only
+    timeout: float = Field(10.0, gt=0)
+
+    @field_validator("seed_url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+        return v
+
+
+class CrawlConfig(Section):
+    image_size: int = Field(64, ge=16, le=4096)
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
+    shard_size: int = Field(1000, ge=1)
+    processes: int = Field(2, ge=1)  # Dask worker processes on the LocalCluster
+    threads: int = Field(16, ge=1)  # download threads inside each img2dataset shard
+    timeout: float = Field(2.0, gt=0)
+    retries: int = Field(0, ge=0)
+    scheduler_address: str | None = None  # e.g. tcp://127.0.0.1:8786; None: a LocalCluster
+
+
+class DedupConfig(Section):
+    """Exact duplicates (image sha256, url+caption) are always dropped; more rules arrive here."""
+
+
+class ShardConfig(Section):
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    samples_per_shard: int = Field(1000, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    model: str = "tiny"
+    nproc: int = Field(1, ge=1)  # torchrun processes (DDP ranks) on this machine
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    vocab_size: int = Field(1024, ge=300, le=100_000)  # BPE tokenizer trained on the crawled captions
+    context_length: int = Field(32, ge=8, le=77)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)  # per rank
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    amp: bool = False
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    benchmarks: list[Literal["colour", "shape", "count"]] = Field(
+        default_factory=lambda: list(SYNTHETIC_BENCHMARK_NAMES), min_length=1
+    )
+    samples_per_class: int = Field(50, ge=1)
+    seed: int = 1234  # held-out: benchmarks are generated, never served by the web
+    batch_size: int = Field(256, ge=1)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow's own default; a `mlflow server` URL works too
+    experiment: str = "witclip"
+    model_name: str = "witclip"
+    alias: str = "champion"
+
+
+class PipelineConfig(Section):
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    work_dir: Path = Path("runs")
+    web: WebConfig = Field(default_factory=WebConfig)
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work_dir / self.run_name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """One line naming the first offending key and what was expected."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    got = first.get("input")
+    return f"config value {key}={got!r} is invalid: {first['msg']}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    # YAML parsing gives ints, floats, bools, lists ([a, b]) and null the obvious way.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML (or the embedded default when path is None), apply --set overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist (expected a YAML file)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e)) from None
+
+
+def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The config slice whose values change a stage's output (part of the stage's hash)."""
+    dump = cfg.model_dump(mode="json")
+    slices: dict[str, list[str]] = {
+        "harvest": ["web", "harvest"],
+        "crawl": ["crawl"],
+        "dedup": ["dedup"],
+        "shard": ["shard"],
+        "train": ["train"],
+        "eval": ["eval"],
+        "register": ["mlflow"],
+    }
+    out = {name: dump[name] for name in slices[stage]}
+    if stage == "crawl":
+        # where work runs does not change what it produces
+        out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in ("scheduler_address", "processes")}
+    if stage == "train":
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("num_workers", "log_every")}
+    return out

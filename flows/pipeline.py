@@ -1,0 +1,246 @@
+"""The parent flow: runs the stages in order, skipping those whose outputs are complete for the same inputs.
+
+A stage is complete when `<run_dir>/<stage>/manifest.json` exists (written last, atomically) and its
+key — a hash of the stage's config slice, its upstream stages' output hashes and the code version —
+matches the key the stage would have now. Anything else runs: that is what makes "resume a failed run"
+and "re-run one stage" cheap and correct.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect import flow
+
+from data.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
+from flows import registry, stages
+from flows.config import STAGES, PipelineConfig, stage_config
+from flows.errors import UserError
+
+CODE_VERSION = "0.1.0"
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "harvest": (),
+    "crawl": ("harvest",),
+    "dedup": ("crawl",),
+    "shard": ("dedup",),
+    "train": ("shard",),
+    "eval": ("train",),
+    "register": ("train", "eval"),
+}
+ATTEMPT_FILE = ".attempt.json"  # key of an unfinished attempt: same key → resume its partial output
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+class EmbeddedWeb:
+    """Starts the synthetic web on first use; prefers the port the harvested URLs point at."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.server = None
+
+    def seed_url(self, preferred: str | None = None) -> str:
+        if self.server is None:
+            from data.web import SiteSpec, SyntheticWeb
+
+            w = self.cfg.web
+            spec = SiteSpec(
+                seed=w.seed, n_pages=w.n_pages, images_per_page=w.images_per_page,
+                links_per_page=w.links_per_page, image_size=w.image_size, noisy_alt_rate=w.noisy_alt_rate,
+                exact_duplicate_rate=w.exact_duplicate_rate, near_duplicate_rate=w.near_duplicate_rate,
+                fault_rate=w.fault_rate, slow_seconds=w.slow_seconds,
+            )  # fmt: skip
+            port = urlparse(preferred).port if preferred else 0
+            try:
+                self.server = SyntheticWeb(spec, port=port or 0)
+                self.server.start()
+            except OSError:  # the old port is taken: any free one will do, harvest runs again
+                self.server = SyntheticWeb(spec, port=0)
+                self.server.start()
+            print(f"embedded synthetic web serving at {self.server.url}")
+        return self.server.url
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def check_seed_url(url: str, timeout: float) -> None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        raise UserError(f"harvest.seed_url {url} answered HTTP {e.code}; expected a reachable HTML page") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"harvest.seed_url {url} is unreachable ({reason}); expected a reachable http(s) URL") from None
+
+
+def outputs_hash(stage_dir: Path) -> str | None:
+    m = read_manifest(stage_dir)
+    return m.get("outputs_hash") if m and m.get("status") == "complete" else None
+
+
+def stage_key(cfg: PipelineConfig, stage: str) -> str:
+    inputs = {up: outputs_hash(cfg.stage_dir(up)) for up in UPSTREAM[stage]}
+    return stable_hash({"stage": stage, "config": stage_config(cfg, stage), "inputs": inputs, "code": CODE_VERSION})
+
+
+def is_complete(cfg: PipelineConfig, stage: str) -> bool:
+    m = read_manifest(cfg.stage_dir(stage))
+    return bool(m and m.get("status") == "complete" and m.get("key") == stage_key(cfg, stage))
+
+
+def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
+    """User mistakes end here, in one line, before any stage starts."""
+    if selected is not None:
+        unknown = [s for s in selected if s not in STAGES]
+        if unknown:
+            raise UserError(f"unknown stage '{unknown[0]}'; expected some of: {', '.join(STAGES)}")
+        for stage in selected:
+            for up in UPSTREAM[stage]:
+                if up not in selected and outputs_hash(cfg.stage_dir(up)) is None:
+                    raise UserError(
+                        f"stage '{stage}' needs the output of '{up}', which is not complete in "
+                        f"{cfg.stage_dir(up)}; add '{up}' to --stages or run the whole pipeline"
+                    )
+    runs_harvest = selected is None or "harvest" in selected
+    if not cfg.web.enabled and cfg.harvest.seed_url is None and runs_harvest:
+        raise UserError(
+            "harvest.seed_url is not set; expected an http(s) URL to crawl from "
+            "(or web.enabled: true for the embedded synthetic web)"
+        )
+    if cfg.harvest.seed_url is not None and runs_harvest and not is_complete(cfg, "harvest"):
+        check_seed_url(cfg.harvest.seed_url, cfg.harvest.timeout)
+    registry.check_tracking_uri(cfg.mlflow.tracking_uri)
+
+
+def _run_stage(cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str) -> dict:
+    if stage == "harvest":
+        seed = cfg.harvest.seed_url or web.seed_url()
+        counts = stages.harvest_flow(cfg, seed)
+        counts["seed_url"] = seed
+        return counts
+    if stage == "crawl":
+        return stages.crawl_flow(cfg)
+    if stage == "dedup":
+        return stages.dedup_flow(cfg)
+    if stage == "shard":
+        return stages.shard_flow(cfg)
+    if stage == "train":
+        return stages.train_flow(cfg, run_id, tracking_uri)
+    if stage == "eval":
+        return stages.eval_flow(cfg)
+    if stage == "register":
+        return stages.register_flow(cfg, run_id, tracking_uri)
+    raise ValueError(stage)
+
+
+def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
+    """Keep a crashed attempt's partial output only when it was made for the same key (resume)."""
+    attempt_path = stage_dir / ATTEMPT_FILE
+    attempt = json.loads(attempt_path.read_text()) if attempt_path.is_file() else None
+    if stage_dir.exists() and (force or not attempt or attempt.get("key") != key):
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "manifest.json").unlink(missing_ok=True)
+    attempt_path.write_text(json.dumps({"key": key, "status": "running"}))
+
+
+def execute_stage(
+    cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str, force: bool
+) -> StageOutcome:
+    stage_dir = cfg.stage_dir(stage)
+    key = stage_key(cfg, stage)
+    existing = read_manifest(stage_dir)
+    if not force and existing and existing.get("status") == "complete" and existing.get("key") == key:
+        print(f"[{stage}] complete, skipped")
+        return StageOutcome(stage, "skipped", 0.0, existing.get("counts", {}))
+    _prepare_dir(stage_dir, key, force)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    counts = _run_stage(cfg, stage, web, run_id, tracking_uri)
+    seconds = time.perf_counter() - t0
+    outputs = hash_outputs(stage_dir, exclude=("manifest.json", ATTEMPT_FILE))
+    manifest = {
+        "stage": stage,
+        "status": "complete",
+        "key": key,
+        "code_version": CODE_VERSION,
+        "config": stage_config(cfg, stage),
+        "inputs": {up: outputs_hash(cfg.stage_dir(up)) for up in UPSTREAM[stage]},
+        "outputs": outputs,
+        "outputs_hash": stable_hash(outputs),
+        "counts": counts,
+        "seconds": round(seconds, 2),
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "mlflow_run_id": run_id,
+    }
+    path = write_manifest(stage_dir, manifest)
+    (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
+    registry.log_stage(tracking_uri, run_id, stage, path, counts)
+    if stage == "eval":
+        reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md")]
+        registry.log_artifacts(tracking_uri, run_id, reports, "eval")
+    print(f"[{stage}] done in {seconds:.1f}s")
+    return StageOutcome(stage, "ran", seconds, counts)
+
+
+@flow(name="witclip-pipeline", log_prints=True)
+def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str) -> list[dict]:
+    tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    web = EmbeddedWeb(cfg)
+    outcomes: list[StageOutcome] = []
+    try:
+        for stage in STAGES:
+            if selected is not None and stage not in selected:
+                continue
+            if stage == "crawl" and cfg.web.enabled and cfg.harvest.seed_url is None and not is_complete(cfg, "crawl"):
+                # the harvested URLs name the port the web had then; serve it there again if we can
+                harvested = (read_manifest(cfg.stage_dir("harvest")) or {}).get("counts", {}).get("seed_url")
+                if web.seed_url(preferred=harvested) != harvested:
+                    print("[crawl] the embedded web could not get its old port back: harvesting again")
+                    outcomes.append(execute_stage(cfg, "harvest", web, run_id, tracking_uri, force=True))
+            outcomes.append(execute_stage(cfg, stage, web, run_id, tracking_uri, force or selected is not None))
+    finally:
+        web.stop()
+    return [o.__dict__ for o in outcomes]
+
+
+def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: bool = False) -> dict:
+    """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes + run id."""
+    preflight(cfg, selected)
+    tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    flat = _flatten(cfg.model_dump(mode="json"))
+    run_id = registry.get_or_create_run(
+        tracking_uri, cfg.mlflow.experiment, cfg.run_name, stable_hash(cfg.model_dump(mode="json")), flat
+    )
+    outcomes = pipeline_flow(cfg, selected, force, run_id)
+    return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": tracking_uri}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

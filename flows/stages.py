@@ -1,0 +1,150 @@
+"""One Prefect flow per pipeline stage. Each is a thin call into `data/` or `clip/`: paths and config in,
+counts out. Bookkeeping (skip/resume, manifests, the MLflow run) lives in `flows/pipeline.py`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from flows.errors import UserError
+
+
+@flow(name="harvest", log_prints=True)
+def harvest_flow(cfg: PipelineConfig, seed_url: str) -> dict[str, Any]:
+    from data.harvest import harvest_site
+
+    h = cfg.harvest
+    return harvest_site(
+        seed_url,
+        cfg.stage_dir("harvest"),
+        max_pages=h.max_pages,
+        max_depth=h.max_depth,
+        allowed_hosts=h.allowed_hosts or None,
+        timeout=h.timeout,
+    )
+
+
+@flow(name="crawl", log_prints=True)
+def crawl_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    from data.crawl import crawl
+
+    c = cfg.crawl
+    return crawl(
+        cfg.stage_dir("harvest") / "candidates.parquet",
+        cfg.stage_dir("crawl"),
+        image_size=c.image_size,
+        resize_mode=c.resize_mode,
+        shard_size=c.shard_size,
+        processes=c.processes,
+        threads=c.threads,
+        timeout=c.timeout,
+        retries=c.retries,
+        scheduler_address=c.scheduler_address,
+    )
+
+
+@flow(name="dedup", log_prints=True)
+def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    from data.dedup import dedup
+
+    return dedup(cfg.stage_dir("crawl"), cfg.stage_dir("dedup"))
+
+
+@flow(name="shard", log_prints=True)
+def shard_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    from data.shards import write_shards
+
+    s = cfg.shard
+    return write_shards(
+        cfg.stage_dir("crawl"),
+        cfg.stage_dir("dedup") / "keep.parquet",
+        cfg.stage_dir("shard"),
+        val_fraction=s.val_fraction,
+        samples_per_shard=s.samples_per_shard,
+        seed=s.seed,
+    )
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@flow(name="train", log_prints=True)
+def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """Train the caption tokenizer, then launch the DDP training engine through torchrun."""
+    from data.training import train_tokenizer
+
+    t = cfg.train
+    out_dir = cfg.stage_dir("train")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(cfg.stage_dir("shard"), out_dir / "tokenizer.json", vocab_size=t.vocab_size)
+    spec = {
+        "shard_dir": str(cfg.stage_dir("shard").resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "tokenizer": str(Path(tok["path"]).resolve()),
+        "train": t.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
+    }
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes=1", f"--nproc-per-node={t.nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={_free_loopback_port()}",
+        "-m", "flows.train_entry", str(spec_path.resolve()),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback: nothing leaves the machine
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc)))
+    print("launching:", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    summary["vocab_size"] = tok["vocab_size"]
+    return summary
+
+
+@flow(name="eval", log_prints=True)
+def eval_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    from data.evaluate import evaluate_synthetic
+
+    e = cfg.eval
+    return evaluate_synthetic(
+        cfg.stage_dir("train"),
+        cfg.work_dir / "benchmarks",
+        cfg.stage_dir("eval"),
+        benchmarks=list(e.benchmarks),
+        samples_per_class=e.samples_per_class,
+        image_size=cfg.web.image_size,
+        seed=e.seed,
+        batch_size=e.batch_size,
+    )
+
+
+@flow(name="register", log_prints=True)
+def register_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
+    from flows.registry import register_model
+
+    results_path = cfg.stage_dir("eval") / "results.json"
+    if not results_path.is_file():
+        raise UserError(f"{results_path} is missing: run the eval stage before register")
+    return register_model(
+        train_dir=cfg.stage_dir("train"),
+        eval_results=json.loads(results_path.read_text()),
+        out_dir=cfg.stage_dir("register"),
+        run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
+        model_name=cfg.mlflow.model_name,
+        alias=cfg.mlflow.alias,
+    )

@@ -1,0 +1,73 @@
+"""User mistakes end in one clear line on stderr, exit != 0, before any work: no stage directory appears."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+WITCLIP = str(Path(sys.executable).parent / "witclip")
+
+
+def _run(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
+    args = [WITCLIP, "run", "--set", f"work_dir={tmp_path / 'runs'}",
+            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["train.epoch=3"], "error: unknown config key 'train.epoch'"),
+        (["train.batch_size=-4"], "error: config value train.batch_size=-4 is invalid"),
+        (["web.enabled=false"], "error: harvest.seed_url is not set"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, sets, expected):
+    out = _run(tmp_path, *sets)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(expected), out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_seed_url(tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/"
+    code = main(["run", "--set", f"work_dir={tmp_path / 'runs'}", "--set", "web.enabled=false",
+                 "--set", f"harvest.seed_url={url}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: harvest.seed_url {url} is unreachable") and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_stage_and_missing_upstream(tmp_path, capsys):
+    base = ["run", "--set", f"work_dir={tmp_path / 'runs'}",
+            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(base + ["--stages", "eval,polish"]) == 2
+    assert "unknown stage 'polish'" in capsys.readouterr().err
+    assert main(base + ["--stages", "eval"]) == 2
+    assert "stage 'eval' needs the output of 'train'" in capsys.readouterr().err
+
+
+def test_classify_missing_image(tmp_path, capsys):
+    assert main(["classify", "--labels", "a,b", str(tmp_path / "nope.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
