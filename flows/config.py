@@ -80,7 +80,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vocab_size: int = Field(1024, ge=300, le=100_000)  # BPE tokenizer trained on the crawled captions
     context_length: int = Field(32, ge=8, le=77)
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(25, ge=1)
     batch_size: int = Field(64, ge=2)  # per rank
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -185,7 +185,7 @@ def register_model(
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "witclip"],
             )
     version = str(info.registered_model_version)
-    client.set_model_version_tag(model_name, version, "mean_acc1", f"{mean_acc1:.6f}")
+    client.set_model_version_tag(model_name, version, "mean_acc1", repr(mean_acc1))  # full precision: the gate compares it
     for name, r in eval_results["benchmarks"].items():
         client.set_model_version_tag(model_name, version, f"acc1.{name}", f"{r['acc1']:.6f}")
     champion_acc, champion_version = _champion_mean_acc1(client, model_name, alias)

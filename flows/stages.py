@@ -105,7 +105,6 @@ def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> di
     ]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback: nothing leaves the machine
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.nproc)))
     print("launching:", " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     t = spec["train"]
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    # Share the machine's cores between the ranks on it (the environment may pin OMP_NUM_THREADS=1).
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     tokenizer = CaptionTokenizer.load(spec["tokenizer"])
     model = create_model(t["model"], vocab_size=tokenizer.vocab_size, context_length=t["context_length"])
