@@ -38,10 +38,15 @@ def build_classifier(
 
 
 @torch.no_grad()
-def zeroshot_logits(model: CLIP, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """[B, C] logits; the fixed 100 mirrors CLIP's learned scale ceiling."""
-    features = F.normalize(_unwrap(model).encode_image(images).float(), dim=-1)
-    return 100.0 * features @ classifier
+def zeroshot_logits(
+    model: CLIP, images: torch.Tensor, classifier: torch.Tensor, scale: float | None = 100.0
+) -> torch.Tensor:
+    """[B, C] logits. The default fixed 100 mirrors CLIP's scale ceiling (and CLIP_benchmark); pass
+    scale=None to use the model's learned temperature, which gives calibrated probabilities."""
+    model = _unwrap(model)
+    features = F.normalize(model.encode_image(images).float(), dim=-1)
+    factor = model.logit_scale.exp().item() if scale is None else scale
+    return factor * features @ classifier
 
 
 @torch.no_grad()

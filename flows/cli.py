@@ -61,7 +61,12 @@ def print_summary(result: dict, cfg) -> None:
     for o in result["outcomes"]:
         if o["stage"] == "register":
             c = o["counts"]
-            state = f"alias @{cfg.mlflow.alias} moved to it" if c.get("promoted") else f"@{cfg.mlflow.alias} unchanged"
+            if o["status"] == "skipped":
+                state = "registered by an earlier run"
+            elif c.get("promoted"):
+                state = f"alias @{cfg.mlflow.alias} moved to it"
+            else:
+                state = f"@{cfg.mlflow.alias} unchanged: not better than the holder"
             print(f"Model: models:/{cfg.mlflow.model_name}/{c.get('version')} ({state})")
 
 

@@ -27,7 +27,7 @@ class WebConfig(Section):
 
     enabled: bool = True
     seed: int = 0
-    n_pages: int = Field(200, ge=1)
+    n_pages: int = Field(450, ge=1)
     images_per_page: int = Field(16, ge=1)
     links_per_page: int = Field(4, ge=1)
     image_size: int = Field(64, ge=16, le=1024)
@@ -79,8 +79,8 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1)  # torchrun processes (DDP ranks) on this machine
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vocab_size: int = Field(1024, ge=300, le=100_000)  # BPE tokenizer trained on the crawled captions
-    context_length: int = Field(32, ge=8, le=77)
-    epochs: int = Field(25, ge=1)
+    context_length: int = Field(24, ge=8, le=77)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=2)  # per rank
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -97,7 +97,7 @@ class EvalConfig(Section):
     benchmarks: list[Literal["colour", "shape", "count"]] = Field(
         default_factory=lambda: list(SYNTHETIC_BENCHMARK_NAMES), min_length=1
     )
-    samples_per_class: int = Field(50, ge=1)
+    samples_per_class: int = Field(100, ge=1)
     seed: int = 1234  # held-out: benchmarks are generated, never served by the web
     batch_size: int = Field(256, ge=1)
 

@@ -136,7 +136,8 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
                 )  # fmt: skip
             image = self.transform(self._load_image(row["image"])).unsqueeze(0)
             with torch.no_grad():
-                probs = zeroshot_logits(self.model, image, classifiers[labels]).softmax(dim=-1)[0]
+                logits = zeroshot_logits(self.model, image, classifiers[labels], scale=None)  # learned temperature
+                probs = logits.softmax(dim=-1)[0]
             best = int(probs.argmax())
             rows.append({"label": labels[best], "score": float(probs[best]), "scores": [float(p) for p in probs]})
         return pd.DataFrame(rows)
