@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ConnectionError, PermissionError) as e:
+        # raised by a stage once it started (e.g. the seed site went away): no manifest was written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
