@@ -10,21 +10,38 @@ from dataclasses import fields, replace
 from importlib import resources
 from typing import Any
 
-from .checkpoint import load_model, load_training_state, save_model, save_training_state
+from .checkpoint import (
+    config_from_state_dict,
+    load_model,
+    load_openai_state_dict,
+    load_training_state,
+    save_model,
+    save_training_state,
+)
 from .loss import ClipLoss
-from .model import CLIP, CLIPConfig, TextConfig, TextTransformer, VisionConfig, VisionTransformer
+from .model import (
+    CLIP,
+    CLIPConfig,
+    ModifiedResNet,
+    TextConfig,
+    TextTransformer,
+    VisionConfig,
+    VisionTransformer,
+)
 from .tokenizer import CaptionTokenizer, train_caption_tokenizer
 from .train import TrainConfig, train
 from .transform import eval_transform, train_transform
 from .zeroshot import build_classifier, evaluate_zeroshot, zeroshot_logits
 
 __all__ = [
-    "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "TextTransformer",
+    "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "ModifiedResNet",
+    "TextTransformer",
     "CaptionTokenizer", "train_caption_tokenizer", "tokenize",
     "ClipLoss", "TrainConfig", "train",
     "train_transform", "eval_transform",
     "build_classifier", "zeroshot_logits", "evaluate_zeroshot",
     "save_model", "load_model", "save_training_state", "load_training_state",
+    "load_openai_state_dict", "config_from_state_dict",
     "create_model", "get_config", "list_models",
 ]
 

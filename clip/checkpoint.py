@@ -1,6 +1,7 @@
-"""Model export (safetensors + config.json) and resumable training state (torch.save).
+"""Model export (safetensors + config.json), resumable training state (torch.save), and
+import of OpenAI's released CLIP checkpoints (ViT and ModifiedResNet).
 
-Both keep OpenAI's parameter names, so an OpenAI state_dict can be loaded the same way.
+Both keep OpenAI's parameter names, so an OpenAI state_dict loads without renaming.
 Training state holds only tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 """
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import CLIP, CLIPConfig
+from .model import CLIP, RESNET_STRIDE, CLIPConfig, TextConfig, VisionConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -92,3 +96,114 @@ def load_training_state(
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), dict(state.get("extra", {}))
+
+
+# -----------------------------------------------------------------------------
+# OpenAI checkpoint import
+
+# non-tensor metadata entries present in OpenAI's TorchScript state_dicts
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+HEAD_WIDTH = 64  # OpenAI CLIP uses 64-dim attention heads everywhere
+
+
+def _count_indices(sd: Mapping[str, Any], prefix: str) -> int:
+    """Number of distinct ``<prefix><int>.`` indices among the keys."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in sd if (m := pat.match(k))})
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> CLIPConfig:
+    """Infer the CLIPConfig of an OpenAI-layout state_dict from its tensor shapes.
+
+    ViT if ``visual.proj`` is present, else ModifiedResNet. Heads are not stored in the
+    weights and are taken as width // 64 (OpenAI's convention); act is quick_gelu.
+    """
+    if "visual.proj" in sd:
+        conv = sd["visual.conv1.weight"]
+        width, patch = conv.shape[0], conv.shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = VisionConfig(
+            image_size=patch * grid,
+            patch_size=patch,
+            width=width,
+            layers=_count_indices(sd, "visual.transformer.resblocks."),
+            heads=width // HEAD_WIDTH,
+            mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        )
+    else:
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        pool_width = sd["visual.attnpool.positional_embedding"].shape[1]
+        vision = VisionConfig(
+            image_size=grid * RESNET_STRIDE,
+            patch_size=RESNET_STRIDE,
+            width=width,
+            layers=[_count_indices(sd, f"visual.layer{i}.") for i in (1, 2, 3, 4)],
+            heads=pool_width // HEAD_WIDTH,
+        )
+    text_width = sd["ln_final.weight"].shape[0]
+    text = TextConfig(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=text_width,
+        layers=_count_indices(sd, "transformer.resblocks."),
+        heads=text_width // HEAD_WIDTH,
+        mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+    )
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text,
+                      act="quick_gelu")
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript archives are zips holding ``<name>/constants.pkl`` and ``<name>/code/``;
+    torch.save zips hold only ``data.pkl`` and tensor data."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a TorchScript archive (OpenAI's ``*.pt`` releases) or a
+    torch.save file (loaded with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper
+    is unwrapped)."""
+    path = Path(path)
+    if _is_torchscript_archive(path):
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state_dict, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def load_openai_state_dict(sd_or_path: Mapping[str, torch.Tensor] | str | Path) -> CLIP:
+    """Build a CLIP (quick_gelu, fp32, eval mode) from an OpenAI-layout checkpoint.
+
+    Accepts a state_dict, a torch.save file, or a TorchScript archive. The metadata keys
+    ``input_resolution`` / ``context_length`` / ``vocab_size`` are dropped, a ``module.``
+    prefix (DDP) is stripped, floating tensors are cast to fp32, and loading is strict.
+    Tensors that are already fp32 CPU tensors are used in place (not copied).
+    """
+    if isinstance(sd_or_path, (str, os.PathLike)):
+        sd: Mapping[str, Any] = read_openai_state_dict(sd_or_path)
+    else:
+        sd = sd_or_path
+    state: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in OPENAI_EXTRA_KEYS:
+            continue
+        if key.startswith("module."):
+            key = key[len("module."):]
+        value = value.detach().to("cpu")
+        state[key] = value.float() if value.is_floating_point() else value
+    cfg = config_from_state_dict(state)
+    with torch.device("meta"):  # skip random init; weights are assigned below
+        model = CLIP(cfg)
+    # BatchNorm counters are bookkeeping only; tolerate checkpoints saved without them
+    for key, buf in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=buf.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

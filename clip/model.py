@@ -1,4 +1,5 @@
-"""CLIP: a ViT image tower and a causal text transformer trained into one embedding space.
+"""CLIP: a ViT (or OpenAI ModifiedResNet) image tower and a causal text transformer
+trained into one embedding space.
 
 Parameter names follow OpenAI's released state_dict exactly (``visual.conv1.weight``,
 ``transformer.resblocks.0.attn.in_proj_weight``, ``text_projection``, ...) so their
@@ -23,16 +24,38 @@ import torch.nn.functional as F
 
 @dataclass
 class VisionConfig:
+    """Image tower shape.
+
+    ``layers`` as an int selects a ViT with that many blocks. ``layers`` as a list of four
+    ints (e.g. ``[3, 4, 6, 3]``) selects OpenAI's ModifiedResNet with that many Bottleneck
+    blocks per stage; then ``width`` is the stem width (64 for RN50), the attention-pool
+    width is ``32 * width``, ``heads`` are the attention-pool heads, and the total stride
+    (and so ``patch_size``) is always 32.
+    """
+
     image_size: int = 224
     patch_size: int = 32
     width: int = 768
-    layers: int = 12
+    layers: int | list[int] = 12
     heads: int = 12
     mlp_ratio: float = 4.0
 
     @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, (list, tuple))
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // self.patch_size
+        return self.image_size // (RESNET_STRIDE if self.is_resnet else self.patch_size)
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the tower's attention (ViT blocks, or the ResNet attention pool)."""
+        return self.width * RESNET_WIDTH_MULT if self.is_resnet else self.width
+
+
+RESNET_STRIDE = 32  # stem /4, then layer2..4 each /2
+RESNET_WIDTH_MULT = 32  # layer4 output channels = 8 * width * Bottleneck.expansion(4)
 
 
 @dataclass
@@ -59,10 +82,18 @@ class CLIPConfig:
     def __post_init__(self) -> None:
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
-        for name, tower in (("vision", self.vision), ("text", self.text)):
-            if tower.width % tower.heads:
-                raise ValueError(f"{name}.width {tower.width} not divisible by heads {tower.heads}")
-        if self.vision.image_size % self.vision.patch_size:
+        v = self.vision
+        if v.is_resnet:
+            v.layers = [int(n) for n in v.layers]
+            if len(v.layers) != 4 or min(v.layers) < 1:
+                raise ValueError(f"ResNet vision.layers must be 4 positive ints, got {v.layers}")
+            if v.patch_size != RESNET_STRIDE:
+                raise ValueError(f"ResNet vision.patch_size must be {RESNET_STRIDE} (its stride)")
+        for name, width, heads in (("vision", v.attention_width, v.heads),
+                                   ("text", self.text.width, self.text.heads)):
+            if width % heads:
+                raise ValueError(f"{name} attention width {width} not divisible by heads {heads}")
+        if v.image_size % v.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +236,117 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, expansion 4) with OpenAI's anti-aliased
+    stride: strided blocks average-pool before conv3 and before the 1x1 downsample conv,
+    and every conv is stride 1."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride > 1 or inplanes != out:
+            # key names "-1" / "0" / "1" match OpenAI's state_dict (the pool has no params)
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
+                ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
+                ("1", nn.BatchNorm2d(out)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.avgpool(y)))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu3(y + shortcut)
+
+
+class AttentionPool2d(nn.Module):
+    """Pool a feature map with one attention query: the spatial mean (plus its position
+    embedding) attends over [mean, every position]; then c_proj to the output dim."""
+
+    def __init__(self, grid: int, width: int, heads: int, out_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
+        self.k_proj = nn.Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        hd = C // self.heads
+        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.heads, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.heads, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, hd)
+        return self.c_proj(y.transpose(1, 2).reshape(B, C))
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's CLIP ResNet: 3-conv stem + avgpool, four Bottleneck stages with
+    anti-aliased strides, and attention pooling instead of global average pooling."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(w)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = w
+        for i, blocks in enumerate(cfg.layers):
+            planes = w * 2**i
+            stage = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.attnpool = AttentionPool2d(cfg.grid_size, cfg.attention_width, cfg.heads, embed_dim)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        # OpenAI's scheme: attention-pool projections ~ N(0, width^-1/2), and each
+        # block's last BatchNorm starts at zero so residual blocks begin as identity.
+        std = self.attnpool.c_proj.in_features**-0.5
+        for lin in (self.attnpool.q_proj, self.attnpool.k_proj, self.attnpool.v_proj,
+                    self.attnpool.c_proj):
+            nn.init.normal_(lin.weight, std=std)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                nn.init.zeros_(block.bn3.weight)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.conv1.weight.dtype)
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
 class TextTransformer(nn.Module):
     """Causal text transformer pooled at the EOT token (the highest token id).
 
@@ -249,7 +391,11 @@ class CLIP(TextTransformer):
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg.text, cfg.embed_dim, cfg.act)
         self.config = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.act)
+        self.visual: nn.Module
+        if cfg.vision.is_resnet:
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
+        else:
+            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.act)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,232 @@
+"""OpenAI-layout checkpoints: ModifiedResNet tower, config inference from tensor shapes,
+loading state_dicts / torch.save files / TorchScript archives, and numerical parity with
+open_clip (a test-only dependency; those tests skip without it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import clip
+from clip.checkpoint import config_from_state_dict, load_openai_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def _meta_model(name: str) -> clip.CLIP:
+    with torch.device("meta"):
+        return clip.create_model(name)
+
+
+def _as_openai(cfg: clip.CLIPConfig) -> clip.CLIPConfig:
+    """What inference can recover: heads = width // 64 and quick_gelu."""
+    v = cfg.vision
+    return replace(
+        cfg,
+        act="quick_gelu",
+        vision=replace(v, heads=v.attention_width // 64),
+        text=replace(cfg.text, heads=cfg.text.width // 64),
+    )
+
+
+# -----------------------------------------------------------------------------
+# ModifiedResNet
+
+
+def test_rn50_param_count_and_openai_keys():
+    model = _meta_model("RN50")
+    assert model.num_params() == 102_007_137
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {
+        "visual.conv1.weight": (32, 3, 3, 3),
+        "visual.bn1.weight": (32,),
+        "visual.conv3.weight": (64, 32, 3, 3),
+        "visual.bn3.running_var": (64,),
+        "visual.layer1.0.conv1.weight": (64, 64, 1, 1),
+        "visual.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+        "visual.layer1.0.downsample.1.weight": (256,),
+        "visual.layer2.0.downsample.0.weight": (512, 256, 1, 1),
+        "visual.layer3.5.conv2.weight": (256, 256, 3, 3),
+        "visual.layer4.2.bn3.bias": (2048,),
+        "visual.attnpool.positional_embedding": (50, 2048),
+        "visual.attnpool.q_proj.weight": (2048, 2048),
+        "visual.attnpool.k_proj.bias": (2048,),
+        "visual.attnpool.v_proj.weight": (2048, 2048),
+        "visual.attnpool.c_proj.weight": (1024, 2048),
+        "text_projection": (512, 1024),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    assert "visual.layer1.1.downsample.0.weight" not in shapes
+    assert "visual.layer3.6.conv1.weight" not in shapes
+    assert "visual.proj" not in shapes
+
+
+def test_rn_configs_and_validation():
+    assert {"RN50", "RN101"} <= set(clip.list_models())
+    cfg = clip.get_config("RN101")
+    assert cfg.vision.is_resnet and cfg.vision.layers == [3, 4, 23, 3]
+    assert _round_trips(cfg)
+    assert _meta_model("RN101").num_params() == 119_688_033
+    with pytest.raises(ValueError):
+        clip.create_model("RN50", vision_layers=[3, 4, 6])
+    with pytest.raises(ValueError):
+        clip.create_model("RN50", vision_heads=30)  # 2048 not divisible by 30
+
+
+def _round_trips(cfg: clip.CLIPConfig) -> bool:
+    return clip.CLIPConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_small_resnet_forward():
+    torch.manual_seed(0)
+    model = clip.create_model("RN50", image_size=64, vision_width=16, vision_layers=[1, 1, 1, 1],
+                              vision_heads=4, embed_dim=32, text_width=64, text_heads=2,
+                              text_layers=1, vocab_size=100, context_length=8).eval()
+    with torch.no_grad():
+        img, txt, scale = model(torch.randn(2, 3, 64, 64), torch.randint(1, 100, (2, 8)))
+    assert img.shape == txt.shape == (2, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# config inference and loading
+
+
+@pytest.mark.parametrize("name", ["tiny", "ViT-B-32", "RN50", "RN101"])
+def test_config_from_state_dict_round_trip(name):
+    model = _meta_model(name)  # inference reads shapes only
+    assert config_from_state_dict(model.state_dict()) == _as_openai(model.config)
+
+
+def _tiny_openai_state(dtype=torch.float32) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = clip.create_model(_as_openai(clip.get_config("tiny")))
+    return {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model: clip.CLIP, expected: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == torch.float32, k
+        assert torch.equal(got[k], v.float()), k
+
+
+def test_load_plain_fp16_and_torch_save(tmp_path):
+    sd = _tiny_openai_state()
+    extras = {"input_resolution": torch.tensor(64), "context_length": torch.tensor(24),
+              "vocab_size": torch.tensor(1024)}
+    model = load_openai_state_dict({**sd, **extras})
+    assert not model.training and model.config.act == "quick_gelu"
+    _assert_state_equal(model, sd)
+
+    half = {k: v.half() for k, v in sd.items()}
+    _assert_state_equal(load_openai_state_dict({**half, **extras}), half)
+
+    path = tmp_path / "plain.pt"
+    torch.save(half, path)
+    _assert_state_equal(load_openai_state_dict(path), half)
+    _assert_state_equal(load_openai_state_dict(str(path)), half)
+
+    with pytest.raises(RuntimeError):  # strict: an unexpected key is an error
+        load_openai_state_dict({**sd, "visual.bogus": torch.zeros(1)})
+
+
+class _Holder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _scripted_holder(sd: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
+    """A scripted module tree whose state_dict has exactly ``sd``'s keys."""
+    root = _Holder()
+    for key, value in sd.items():
+        *path, leaf = key.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, _Holder())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
+    return torch.jit.script(root)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_load_torchscript_archive(tmp_path):
+    half = {k: v.half() for k, v in _tiny_openai_state().items()}
+    path = tmp_path / "openai-style.pt"
+    torch.jit.save(_scripted_holder(half), str(path))
+    _assert_state_equal(load_openai_state_dict(path), half)
+
+
+# -----------------------------------------------------------------------------
+# parity with open_clip
+
+
+@pytest.fixture(scope="module")
+def open_clip_mod():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # random init only; never download
+    return pytest.importorskip("open_clip")
+
+
+@torch.no_grad()
+def _randomize_(model: nn.Module) -> None:
+    """Move every tensor off its structured init (zero biases, zero-init BN gammas,
+    unit running stats) so that every weight matters to the comparison."""
+    g = torch.Generator().manual_seed(0)
+
+    def noise(t: torch.Tensor, scale: float) -> torch.Tensor:
+        return scale * torch.randn(t.shape, generator=g)
+
+    bn_tensors = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.copy_(0.5 + 0.5 * torch.rand(mod.weight.shape, generator=g))
+            mod.running_var.copy_(0.5 + 0.5 * torch.rand(mod.running_var.shape, generator=g))
+            mod.bias.add_(noise(mod.bias, 0.05))
+            mod.running_mean.add_(noise(mod.running_mean, 0.05))
+            bn_tensors.update(id(t) for t in (mod.weight, mod.bias))
+    for name, p in model.named_parameters():
+        if id(p) in bn_tensors or name == "logit_scale":
+            continue
+        std = p.std().item() if p.numel() > 1 else 0.0
+        p.add_(noise(p, 0.1 * std if std > 0 else 0.02))
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_parity_with_open_clip(open_clip_mod, name):
+    torch.manual_seed(0)
+    ref = open_clip_mod.create_model(f"{name}-quickgelu", pretrained=None).eval()
+    _randomize_(ref)
+    sd = ref.state_dict()
+    ours = load_openai_state_dict(sd)
+    assert ours.config == clip.get_config(name)
+
+    images = torch.randn(2, 3, 224, 224)  # positional embeddings fix the resolution
+    tokens = torch.randint(1, 49406, (2, 77))
+    tokens[0, 9:] = 0
+    tokens[0, 8] = 49407  # EOT (highest id) mid-sequence, padding after
+    tokens[1, 76] = 49407
+    with torch.no_grad():
+        diffs = {
+            "image": (ref.encode_image(images) - ours.encode_image(images)).abs().max().item(),
+            "text": (ref.encode_text(tokens) - ours.encode_text(tokens)).abs().max().item(),
+        }
+    assert max(diffs.values()) <= 1e-4, diffs
+
+    # an fp16 copy (as OpenAI ships) loads strictly and lands in fp32
+    half = load_openai_state_dict({k: v.half() if v.is_floating_point() else v
+                                   for k, v in sd.items()})
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    assert half.config == ours.config
