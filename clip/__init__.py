@@ -28,7 +28,12 @@ from .model import (
     VisionConfig,
     VisionTransformer,
 )
-from .tokenizer import CaptionTokenizer, train_caption_tokenizer
+from .tokenizer import (
+    CaptionTokenizer,
+    OpenAITokenizer,
+    load_openai_tokenizer,
+    train_caption_tokenizer,
+)
 from .train import TrainConfig, train
 from .transform import eval_transform, train_transform
 from .zeroshot import build_classifier, evaluate_zeroshot, zeroshot_logits
@@ -37,6 +42,7 @@ __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "ModifiedResNet",
     "TextTransformer",
     "CaptionTokenizer", "train_caption_tokenizer", "tokenize",
+    "OpenAITokenizer", "load_openai_tokenizer",
     "ClipLoss", "TrainConfig", "train",
     "train_transform", "eval_transform",
     "build_classifier", "zeroshot_logits", "evaluate_zeroshot",

@@ -1,4 +1,5 @@
-"""Symmetric InfoNCE loss over image/text pairs, with cross-rank negatives under DDP."""
+"""Contrastive losses over image/text pairs (symmetric InfoNCE, SigLIP), with cross-rank
+negatives under DDP."""
 
 from __future__ import annotations
 
@@ -31,10 +32,27 @@ class ClipLoss(nn.Module):
     """Cross-entropy in both directions over the scaled cosine-similarity matrix.
 
     Inputs are L2-normalised features (as returned by ``CLIP.forward``). With
-    world_size > 1 each rank scores its local rows against the features of the *global*
-    batch (more negatives), so its positives sit at ``rank * local_batch + i``. All ranks
-    must use the same local batch size.
+    world_size > 1 the features of every rank are gathered (with gradient) so that every
+    sample is scored against the *global* batch (more negatives). All ranks must use the
+    same local batch size. Two ways to build the logits under DDP:
+
+    * ``local_loss=False`` (default, full matrix): every rank computes the whole
+      ``(world*n, world*n)`` logit matrix of the gathered features, with labels
+      ``arange(world*n)``; the loss on every rank is the global-batch loss.
+    * ``local_loss=True`` (local rows x global columns): each rank scores only its own
+      ``n`` image features against all gathered text features (and its own text features
+      against all gathered image features), so its positives sit at ``rank * n + i``.
+      Cheaper (``n x world*n`` logits); the mean of the per-rank losses is the
+      global-batch loss.
+
+    In both modes the gradient is the global-batch gradient once DDP averages it across
+    ranks (the gather's backward sums every rank's contribution into each rank's
+    features). With world_size == 1 the two modes are identical.
     """
+
+    def __init__(self, local_loss: bool = False) -> None:
+        super().__init__()
+        self.local_loss = local_loss
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
@@ -46,10 +64,55 @@ class ClipLoss(nn.Module):
             all_text = gather_with_grad(text_features)
         else:
             all_image, all_text = image_features, text_features
-        logits_per_image = logit_scale * image_features @ all_text.T  # (n, world*n)
-        logits_per_text = logit_scale * text_features @ all_image.T
-        labels = torch.arange(n, device=image_features.device) + rank * n
+        if self.local_loss or world == 1:
+            logits_per_image = logit_scale * image_features @ all_text.T  # (n, world*n)
+            logits_per_text = logit_scale * text_features @ all_image.T
+            labels = torch.arange(n, device=image_features.device) + rank * n
+        else:
+            logits_per_image = logit_scale * all_image @ all_text.T  # (world*n, world*n)
+            logits_per_text = logits_per_image.T
+            labels = torch.arange(world * n, device=image_features.device)
         return 0.5 * (
-            F.cross_entropy(logits_per_image.float(), labels)
-            + F.cross_entropy(logits_per_text.float(), labels)
+            F.cross_entropy(_at_least_fp32(logits_per_image), labels)
+            + F.cross_entropy(_at_least_fp32(logits_per_text), labels)
         )
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023, arXiv:2303.15343).
+
+    ``logits = logit_scale * img @ txt.T + logit_bias``; every image/text pair is an
+    independent binary problem, positive (label +1) on the diagonal and negative (-1)
+    elsewhere: ``loss = -sum(log_sigmoid(label * logits)) / n`` with ``n`` the *local*
+    batch size, as in the paper. ``logit_scale`` and ``logit_bias`` are passed in like
+    ClipLoss's ``logit_scale`` (already exponentiated scale; the paper initialises them to
+    10 and -10). Inputs are L2-normalised features.
+
+    With world_size > 1 the text features of all ranks are gathered (with gradient) and
+    each rank sums the terms of its own ``n`` images against all ``world*n`` texts (its
+    positives at ``rank * n + i``), still divided by the local ``n``. Every pair of the
+    global batch is then counted exactly once over the ranks; once DDP averages the
+    gradients they equal those of the single-process loss on the global batch (whose
+    value is the mean of the per-rank losses). All ranks must use the same local batch.
+    """
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        rank, world = _world()
+        n = image_features.shape[0]
+        all_text = gather_with_grad(text_features) if world > 1 else text_features
+        logits = _at_least_fp32(logit_scale * image_features @ all_text.T + logit_bias)
+        signs = -torch.ones_like(logits)
+        idx = torch.arange(n, device=logits.device)
+        signs[idx, idx + rank * n] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / n
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 logits (autocast) to float32; leave float32/float64 alone."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -179,7 +179,7 @@ def _train(model, make_batches, steps_per_epoch, cfg, out_dir, on_metrics, resum
     if world > 1:  # wrap after loading so every rank starts from rank 0's weights
         device_ids = [dev.index] if dev.type == "cuda" else None
         model = DistributedDataParallel(raw_model, device_ids=device_ids)
-    loss_fn = ClipLoss()
+    loss_fn = ClipLoss(local_loss=True)  # same DDP gradients as the full matrix, 1/world the cost
 
     def checkpoint(ep: int, ep_step: int) -> None:
         if rank == 0:
