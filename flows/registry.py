@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -61,8 +63,6 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
     run = client.create_run(
         exp_id, run_name=run_name, tags={"witclip.run_name": run_name, "witclip.config_hash": config_hash}
     )
-    from mlflow.entities import Param
-
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps params per batch call
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -71,9 +71,6 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
 
 def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, counts: dict[str, Any]) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
-    from mlflow.entities import Metric
-    import time
-
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"{stage}/{k}", float(v), now, 0)
