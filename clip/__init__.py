@@ -36,7 +36,7 @@ from .tokenizer import (
 )
 from .train import TrainConfig, train
 from .transform import eval_transform, train_transform
-from .zeroshot import build_classifier, evaluate_zeroshot, zeroshot_logits
+from .zeroshot import build_classifier, evaluate_zeroshot, predict_topk, zeroshot_logits
 
 __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "ModifiedResNet",
@@ -45,7 +45,7 @@ __all__ = [
     "OpenAITokenizer", "load_openai_tokenizer",
     "ClipLoss", "TrainConfig", "train",
     "train_transform", "eval_transform",
-    "build_classifier", "zeroshot_logits", "evaluate_zeroshot",
+    "build_classifier", "zeroshot_logits", "predict_topk", "evaluate_zeroshot",
     "save_model", "load_model", "save_training_state", "load_training_state",
     "load_openai_state_dict", "config_from_state_dict",
     "create_model", "get_config", "list_models",

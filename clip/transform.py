@@ -15,17 +15,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def train_transform(image_size: int) -> T.Compose:
-    # Mild crops only and no horizontal flips: captions mention left/right positions.
+def train_transform(image_size: int, scale: tuple[float, float] = (0.9, 1.0)) -> T.Compose:
+    """Random resized crop (bicubic) covering `scale` of the area. The mild default and the absence
+    of horizontal flips are deliberate: captions mention left/right positions and counts; open_clip
+    uses scale=(0.9, 1.0) too."""
     return T.Compose([
         to_rgb,
-        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
 
 
 def eval_transform(image_size: int) -> T.Compose:
+    """Bicubic resize of the short side to `image_size`, then a centre crop: CLIP's eval recipe."""
     return T.Compose([
         to_rgb,
         T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),

@@ -23,18 +23,26 @@ def build_classifier(
     templates: Sequence[str],
     context_length: int,
     device: str | torch.device,
+    batch_size: int = 256,
 ) -> torch.Tensor:
-    """[embed_dim, C] matrix; column c = normalised mean of the normalised prompt embeddings."""
+    """[embed_dim, C] matrix; column c = normalised mean of the normalised prompt embeddings.
+
+    All class x template prompts go through the text tower in batches of `batch_size` prompts,
+    whatever the class boundaries, so 1000 classes x 80 templates is ~300 forward passes, not 1000.
+    """
+    if not classnames or not templates:
+        raise ValueError("build_classifier needs at least one class name and one template")
     model = _unwrap(model)
     was_training = model.training
     model.eval()
-    columns = []
-    for name in classnames:
-        tokens = tokenizer([t.replace("{c}", name) for t in templates], context_length).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        columns.append(F.normalize(emb.mean(dim=0), dim=-1))
+    prompts = [t.replace("{c}", name) for name in classnames for t in templates]  # class-major
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start:start + batch_size], context_length).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     model.train(was_training)
-    return torch.stack(columns, dim=1)
+    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1).T.contiguous()
 
 
 @torch.no_grad()
@@ -47,6 +55,20 @@ def zeroshot_logits(
     features = F.normalize(model.encode_image(images).float(), dim=-1)
     factor = model.logit_scale.exp().item() if scale is None else scale
     return factor * features @ classifier
+
+
+@torch.no_grad()
+def predict_topk(
+    model: CLIP, images: torch.Tensor, classifier: torch.Tensor, classnames: Sequence[str], k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """Per image, the k most likely (class name, probability) pairs under the model's learned
+    temperature, best first."""
+    if classifier.shape[1] != len(classnames):
+        raise ValueError(f"classifier has {classifier.shape[1]} columns but {len(classnames)} class names")
+    probs = zeroshot_logits(model, images, classifier, scale=None).softmax(dim=-1).cpu()
+    values, indices = probs.topk(min(k, len(classnames)), dim=-1)
+    return [[(classnames[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
+            for vs, ix in zip(values, indices)]
 
 
 @torch.no_grad()

@@ -369,6 +369,42 @@ def test_zeroshot_metrics_on_toy_task(trained, tokenizer):
     torch.testing.assert_close(clf.norm(dim=0), torch.ones(len(COLOURS)))
 
 
+def test_classifier_is_batched_over_classes_and_matches_per_class(trained, tokenizer):
+    model, _, _, _ = trained
+    templates = ["a photo of a {c} square", "a {c} square", "{c}"]
+    batched = clip.build_classifier(model, tokenizer, COLOURS, templates, 16, "cpu", batch_size=5)
+    calls = []
+    hook = model.token_embedding.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        clip.build_classifier(model, tokenizer, COLOURS, templates, 16, "cpu", batch_size=256)
+    finally:
+        hook.remove()
+    assert calls == [len(COLOURS) * len(templates)]  # one text-tower pass for all 24 prompts
+    model.eval()
+    with torch.no_grad():
+        for c, name in enumerate(COLOURS):
+            emb = F.normalize(model.encode_text(tokenizer([t.replace("{c}", name) for t in templates], 16)), dim=-1)
+            torch.testing.assert_close(batched[:, c], F.normalize(emb.mean(0), dim=0), atol=1e-6, rtol=0)
+    model.train()
+
+
+def test_predict_topk(trained, tokenizer):
+    model, _, _, _ = trained
+    model.eval()
+    clf = clip.build_classifier(model, tokenizer, COLOURS, ["a {c} square"], 16, "cpu")
+    images = colour_images(COLOURS[:4], SMALL["image_size"], seed=3)
+    top = clip.predict_topk(model, images, clf, COLOURS, k=3)
+    model.train()
+    assert len(top) == 4 and all(len(row) == 3 for row in top)
+    for row in top:
+        probs = [p for _, p in row]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(name in COLOURS for name, _ in row)
+    assert sum(row[0][0] == COLOURS[i] for i, row in enumerate(top)) >= 3  # the toy model knows colours
+    with pytest.raises(ValueError, match="class names"):
+        clip.predict_topk(model, images, clf, COLOURS[:3])
+
+
 def test_transforms():
     from PIL import Image
 
@@ -376,6 +412,27 @@ def test_transforms():
     for tf in (clip.train_transform(32), clip.eval_transform(32)):
         x = tf(img)
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_eval_transform_resizes_short_side_then_centre_crops():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    # 60x30: left third red, middle third green, right third blue. The short side goes 30 -> 20
+    # (wide 40), then the centre 20x20 crop keeps the green band plus half of each neighbour.
+    img = Image.new("RGB", (60, 30))
+    for x0, colour in ((0, (255, 0, 0)), (20, (0, 255, 0)), (40, (0, 0, 255))):
+        img.paste(colour, (x0, 0, x0 + 20, 30))
+    x = clip.eval_transform(20)(img)
+    mean = torch.tensor(clip.transform.CLIP_MEAN)[:, None]
+    std = torch.tensor(clip.transform.CLIP_STD)[:, None]
+    row = (x[:, 10, :] * std + mean)  # [3, 20] back in [0, 1]
+    assert x.shape == (3, 20, 20)
+    assert row[1, 8:12].min() > 0.95  # centre is green
+    assert row[0, 0] > 0.9 and row[2, -1] > 0.9  # edges: red left, blue right (3.3 px each)
+    reference = img.resize((40, 20), Image.BICUBIC).crop((10, 0, 30, 20))
+    ref = T.functional.pil_to_tensor(reference).float() / 255
+    assert (x * std[..., None] + mean[..., None] - ref).abs().max() < 0.03  # PIL bicubic, same crop
 
 
 def test_clip_does_not_import_orchestration_libs():
