@@ -8,14 +8,12 @@ directory has exactly img2dataset's layout (00000.tar, 00000.parquet, 00000_stat
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import logging
 import os
 import shutil
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from contextlib import contextmanager
@@ -29,12 +27,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from data.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.tar)
-DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset defaults
-MAX_IMAGE_BYTES = 64 << 20  # guard against endless bodies filling worker memory
-_I2D_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+STATUS_FILE = "status.parquet"  # one row per candidate URL: key, url, status, reason
 
 
 def shard_name(shard_id: int) -> str:
@@ -42,57 +40,41 @@ def shard_name(shard_id: int) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Per-image wall-clock deadline.
-#
-# img2dataset's download_image() does urlopen(timeout=t) + r.read(). The socket timeout
-# bounds each *individual* blocking operation, so a server that stalls is cut off after t
-# seconds -- but a server that trickles one byte every < t seconds is never cut off
-# (measured: 0.5 s/byte => a 3 kB image takes 25 minutes), and one trickling shard would
-# hold the whole crawl. We therefore install, inside the Dask task, a faithful copy of
-# img2dataset's download_image (same user agent, same X-Robots-Tag check via img2dataset's
-# own is_disallowed, same error strings) that reads with read1() and enforces a total
-# deadline and size cap. download_image_with_retry() looks the name up in its module
-# globals at call time, so everything else in img2dataset's Downloader is untouched.
+# img2dataset's Downloader fetches every image through the module-level function
+# img2dataset.downloader.download_image(row, timeout, user_agent_token, directives), looked up
+# at call time by download_image_with_retry(). Inside each Dask task we point that name at
+# data.fetch.Fetcher, which adds what img2dataset lacks (address guard, robots.txt, per-host
+# limits, Retry-After, byte/pixel caps, a total deadline). Reader, Resizer, the writer and the
+# per-shard stats stay img2dataset's own. The error string we return is the Fetcher's reason
+# code, so img2dataset's status_dict counts reasons rather than free-form messages.
 # --------------------------------------------------------------------------------------
-def _make_bounded_download_image(max_seconds: float, max_bytes: int) -> Callable[..., Any]:
-    from img2dataset import downloader as i2d
+_FETCHERS: dict[FetchPolicy, Fetcher] = {}  # one per policy per worker process: shards share host state
+
+
+def _fetcher_for(policy: FetchPolicy) -> Fetcher:
+    fetcher = _FETCHERS.get(policy)
+    if fetcher is None:
+        fetcher = _FETCHERS[policy] = Fetcher(policy)
+    return fetcher
+
+
+def make_download_image(fetcher: Fetcher) -> Callable[..., Any]:
+    """A drop-in for img2dataset's download_image that fetches through `fetcher`."""
 
     def download_image(row, timeout, user_agent_token, disallowed_header_directives):  # img2dataset's signature
         key, url = row
-        user_agent = _I2D_USER_AGENT
-        if user_agent_token:
-            user_agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
-        deadline = time.monotonic() + max_seconds
-        img_stream = io.BytesIO()
         try:
-            request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                if disallowed_header_directives and i2d.is_disallowed(
-                    r.headers, user_agent_token, disallowed_header_directives
-                ):
-                    return key, None, "Use of image disallowed by X-Robots-Tag directive"
-                while True:
-                    chunk = r.read1(1 << 16)  # returns as soon as *some* bytes arrive
-                    if not chunk:
-                        break
-                    img_stream.write(chunk)
-                    if img_stream.tell() > max_bytes:
-                        return key, None, f"image larger than {max_bytes} bytes"
-                    if time.monotonic() > deadline:
-                        return key, None, f"download exceeded {max_seconds:g}s"
-                if r.length:  # read1() doesn't raise on a short body; r.read() would
-                    raise http.client.IncompleteRead(img_stream.getvalue(), r.length)
-            img_stream.seek(0)
-            return key, img_stream, None
-        except Exception as err:  # noqa: BLE001 - img2dataset semantics: error string, never raise
-            return key, None, str(err)
+            return key, io.BytesIO(fetcher.get(url)), None
+        except FetchError as err:
+            return key, None, err.reason
+        except Exception as err:  # noqa: BLE001 - img2dataset semantics: an error string, never raise
+            log.warning("unexpected error fetching %s: %r", url, err)
+            return key, None, f"unexpected_{type(err).__name__}"
 
     return download_image
 
 
-def _download_shard_task(
-    downloader: Any, shard: tuple[int, str], max_image_seconds: float, max_image_bytes: int
-) -> tuple[bool, int]:
+def _download_shard_task(downloader: Any, shard: tuple[int, str], policy: FetchPolicy) -> tuple[bool, int]:
     """Dask task: download one img2dataset shard. Returns (ok, shard_id)."""
     from img2dataset import downloader as i2d
 
@@ -101,7 +83,7 @@ def _download_shard_task(
     # happen when a worker died between writing stats and reporting back.
     if os.path.exists(os.path.join(downloader.output_folder, f"{shard_name(shard_id)}_stats.json")):
         return True, shard_id
-    i2d.download_image = _make_bounded_download_image(max_image_seconds, max_image_bytes)
+    i2d.download_image = make_download_image(_fetcher_for(policy))
     ok, _ = downloader(shard)  # img2dataset's Downloader.__call__: catches, prints, returns (ok, row)
     return bool(ok), shard_id
 
@@ -148,6 +130,45 @@ def _validate_candidates(path: Path) -> list[str]:
     return names
 
 
+def shard_parquets(crawl_dir: Path) -> list[Path]:
+    """img2dataset's per-shard metadata files (00000.parquet, ...), not our status table."""
+    return sorted(p for p in Path(crawl_dir).glob("*.parquet") if p.stem.isdigit())
+
+
+def _reason(status: str, error_message: Any) -> str:
+    if status == "success":
+        return "success"
+    message = str(error_message or "")
+    if status == "failed_to_resize":
+        # img2dataset's resizer reports "Image decoding error" for anything cv2 cannot decode
+        return "decode_error" if "decod" in message.lower() else "resize_error"
+    return message or "unknown_error"
+
+
+def write_status_table(crawl_dir: Path) -> tuple[Path, dict[str, int]]:
+    """One row per candidate URL (key, url, status, reason) from img2dataset's shard parquets,
+    written atomically to crawl_dir/status.parquet; returns the path and counts per reason."""
+    import pandas as pd
+
+    frames = [pd.read_parquet(p, columns=["key", "url", "status", "error_message"]) for p in shard_parquets(crawl_dir)]
+    if frames:
+        table = pd.concat(frames, ignore_index=True)
+    else:
+        table = pd.DataFrame({c: pd.Series(dtype=str) for c in ("key", "url", "status", "error_message")})
+    table["reason"] = [_reason(s, e) for s, e in zip(table["status"], table["error_message"])]
+    table = table[["key", "url", "status", "reason"]].sort_values("key", ignore_index=True)
+    path = Path(crawl_dir) / STATUS_FILE
+    tmp = path.with_name(f".{STATUS_FILE}.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path, _reason_counts(table["reason"])
+
+
+def _reason_counts(reasons: Any) -> dict[str, int]:
+    """{reason: count}, most frequent first (a pandas Series of reason codes in)."""
+    return {str(k): int(v) for k, v in sorted(reasons.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
 def aggregate_stats(crawl_dir: Path) -> dict[str, Any]:
     """Sum img2dataset's per-shard *_stats.json files in crawl_dir."""
     totals = Counter()
@@ -184,19 +205,25 @@ def crawl(
     retries: int = 0,
     max_shard_retry: int = 1,
     scheduler_address: str | None = None,
-    user_agent_token: str = "witclip",
     encode_format: str = "jpg",
     max_image_seconds: float | None = None,
+    policy: FetchPolicy | None = None,
 ) -> dict[str, Any]:
     """Download candidates into img2dataset webdataset shards in out_dir, one Dask task per shard.
 
+    Every image goes through data.fetch.Fetcher with `policy` (address guard, robots.txt,
+    per-host limits, Retry-After, byte and pixel caps, total deadline); without a policy one is
+    built from `timeout` (per socket operation) and `max_image_seconds` (total deadline per
+    request, default 4 * timeout). The policy's per-host limits are for the whole cluster and
+    are divided among its worker processes.
+
     Shards with an existing `_stats.json` are skipped, so re-running resumes (the shard
-    <-> rows mapping assumes the same candidates file and shard_size). `timeout` is
-    img2dataset's per-socket-operation timeout; `max_image_seconds` (default 4*timeout)
-    bounds each image's total download time. With `scheduler_address` the workers must
-    see out_dir on a shared filesystem. Returns aggregated stats over all shards in
-    out_dir: urls, successes, failed_to_download, failed_to_resize, success_rate,
-    status_dict, shards (+ shards_downloaded, shards_skipped, elapsed_s).
+    <-> rows mapping assumes the same candidates file and shard_size). With
+    `scheduler_address` the workers must see out_dir on a shared filesystem. Writes
+    out_dir/status.parquet (one row per candidate: key, url, status, reason). Returns
+    aggregated stats over all shards in out_dir: urls, successes, failed_to_download,
+    failed_to_resize, success_rate, status_dict, reasons, shards (+ shards_downloaded,
+    shards_skipped, elapsed_s, images_per_s).
     Raises RuntimeError if shards still fail after max_shard_retry resubmissions.
     """
     t0 = time.monotonic()
@@ -205,7 +232,9 @@ def crawl(
     columns = _validate_candidates(candidates_parquet)
     if shard_size < 1 or processes < 1 or threads < 1:
         raise ValueError("shard_size, processes and threads must all be >= 1")
-    max_image_seconds = float(max_image_seconds if max_image_seconds is not None else 4 * timeout)
+    if policy is None:
+        deadline = float(max_image_seconds if max_image_seconds is not None else 4 * timeout)
+        policy = FetchPolicy(timeout=timeout, deadline=deadline)
 
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
@@ -217,7 +246,7 @@ def crawl(
     tmp_dir.mkdir(exist_ok=True)
     done = _done_shards(out_dir)
     caption_col = "caption" if "caption" in columns else None
-    extra_cols = ["page"] if "page" in columns else None
+    extra_cols = [c for c in ("source", "matched_query", "page") if c in columns] or None
 
     try:
         # The same objects img2dataset.main.download() builds, with its defaults.
@@ -257,22 +286,21 @@ def crawl(
             extract_exif=True,
             output_folder=str(out_dir),
             column_list=reader.column_list,
-            timeout=timeout,
+            timeout=policy.timeout,
             number_sample_per_shard=shard_size,
             oom_shard_count=OOM_SHARD_COUNT,
             compute_hash="sha256",
             verify_hash_type=None,
             encode_format=encode_format,
             retries=retries,
-            user_agent_token=user_agent_token,
-            disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES,
+            user_agent_token="witclip",  # unused: our Fetcher sends policy.user_agent
+            disallowed_header_directives=list(policy.x_robots_directives),
         )
         shards: list[tuple[int, str]] = list(reader)  # writes one arrow file per pending shard to _tmp
         failed: list[tuple[int, str]] = []
         if shards:  # nothing pending (incremental re-run) => don't even start a cluster
-            failed = _distribute(
-                shards, downloader, scheduler_address, processes, max_shard_retry, max_image_seconds
-            )
+            sizes = _shard_sizes(candidates_parquet, shard_size)
+            failed = _distribute(shards, downloader, scheduler_address, processes, max_shard_retry, policy, sizes)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -283,10 +311,36 @@ def crawl(
             "retries; re-run crawl to retry them (finished shards are skipped)"
         )
     counts = aggregate_stats(out_dir)
+    if shards or not (out_dir / STATUS_FILE).exists():
+        _, counts["reasons"] = write_status_table(out_dir)
+    else:  # nothing downloaded: the table on disk is current, leave it untouched
+        import pandas as pd
+
+        counts["reasons"] = _reason_counts(pd.read_parquet(out_dir / STATUS_FILE, columns=["reason"])["reason"])
     counts["shards_downloaded"] = len(shards)
     counts["shards_skipped"] = len(done)
     counts["elapsed_s"] = round(time.monotonic() - t0, 3)
+    downloaded = sum(sizes.get(s, 0) for s, _ in shards) if shards else 0
+    counts["images_per_s"] = round(downloaded / counts["elapsed_s"], 1) if shards else 0.0
     return counts
+
+
+def _shard_sizes(candidates_parquet: Path, shard_size: int) -> dict[int, int]:
+    rows = pq.ParquetFile(candidates_parquet).metadata.num_rows
+    return {i: min(shard_size, rows - i * shard_size) for i in range((rows + shard_size - 1) // shard_size)}
+
+
+def per_process_policy(policy: FetchPolicy, n_processes: int) -> FetchPolicy:
+    """The policy's per-host limits hold for the whole cluster: each process gets its share."""
+    import dataclasses
+    import math
+
+    n = max(1, n_processes)
+    return dataclasses.replace(
+        policy,
+        max_connections_per_host=max(1, math.ceil(policy.max_connections_per_host / n)),
+        max_requests_per_second_per_host=policy.max_requests_per_second_per_host / n,
+    )
 
 
 def _distribute(
@@ -295,16 +349,20 @@ def _distribute(
     scheduler_address: str | None,
     processes: int,
     max_shard_retry: int,
-    max_image_seconds: float,
+    policy: FetchPolicy,
+    sizes: dict[int, int],
 ) -> list[tuple[int, str]]:
     """Dask distributor: one task per shard, resubmitting failures. Returns shards that never succeeded."""
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:8]  # unique task keys when several crawls share one scheduler
     pending = list(shards)
+    total = sum(sizes.get(s, 0) for s, _ in shards)
     with _dask_client(scheduler_address, processes) as client, tqdm(
-        total=len(shards), desc="crawl shards", unit="shard"
+        total=total, desc="crawl", unit="img", unit_scale=True
     ) as bar:
+        n_workers = len(client.scheduler_info().get("workers", {})) or processes
+        worker_policy = per_process_policy(policy, n_workers)
         for attempt in range(max_shard_retry + 1):
             if not pending:
                 break
@@ -315,8 +373,7 @@ def _distribute(
                     _download_shard_task,
                     downloader,
                     shard,
-                    max_image_seconds,
-                    MAX_IMAGE_BYTES,
+                    worker_policy,
                     key=f"img2dataset-shard-{shard_name(shard[0])}-{run_id}-try{attempt}",
                     pure=False,
                     # Dask already reschedules a task whose worker died (allowed-failures);
@@ -333,7 +390,7 @@ def _distribute(
                     log.warning("shard %s raised %s: %s", shard[0], type(err).__name__, err)
                     ok = False
                 if ok:
-                    bar.update(1)
+                    bar.update(sizes.get(shard[0], 0))
                 else:
                     failed.append(shard)
             pending = failed

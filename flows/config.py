@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from data.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
 from flows.errors import UserError
 
 STAGES: tuple[str, ...] = ("harvest", "crawl", "dedup", "shard", "train", "eval", "register")
@@ -59,9 +60,35 @@ class CrawlConfig(Section):
     shard_size: int = Field(1000, ge=1)
     processes: int = Field(2, ge=1)  # Dask worker processes on the LocalCluster
     threads: int = Field(16, ge=1)  # download threads inside each img2dataset shard
-    timeout: float = Field(2.0, gt=0)
+    timeout: float = Field(2.0, gt=0)  # per blocking socket operation
+    deadline: float | None = Field(None, gt=0)  # whole request incl. a trickling body; None: 4 x timeout
     retries: int = Field(0, ge=0)
     scheduler_address: str | None = None  # e.g. tcp://127.0.0.1:8786; None: a LocalCluster
+    # Safety: private, loopback, link-local, CGNAT and cloud-metadata addresses are refused unless
+    # listed here (IPs, CIDRs or host names). The embedded web's 127.0.0.1 is added automatically.
+    allowed_addresses: list[str] = Field(default_factory=list)
+    max_image_bytes: int = Field(32 << 20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # read from the header: decompression bombs
+    # Politeness, for the whole cluster (divided among worker processes).
+    robots_txt: bool = True
+    max_connections_per_host: int = Field(16, ge=1)
+    max_requests_per_second_per_host: float = Field(0.0, ge=0)  # 0: unlimited
+    max_retry_after: float = Field(30.0, ge=0)  # 429/503 Retry-After longer than this: give up
+    user_agent: str = DEFAULT_USER_AGENT
+    x_robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_X_ROBOTS_DIRECTIVES))
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"expected an IP, CIDR or host name, got {entry!r}") from None
+        return v
 
 
 class DedupConfig(Section):

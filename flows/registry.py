@@ -72,9 +72,12 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
 def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, counts: dict[str, Any]) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
     now = int(time.time() * 1000)
+    numbers = dict(counts)
+    for reason, n in (counts.get("reasons") or {}).items():  # crawl: one metric per status reason
+        numbers[f"reasons.{reason}"] = n
     metrics = [
         Metric(f"{stage}/{k}", float(v), now, 0)
-        for k, v in counts.items()
+        for k, v in numbers.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
     if metrics:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from data.fetch import FetchPolicy
 
 from flows.config import PipelineConfig
 from flows.errors import UserError
@@ -37,7 +40,7 @@ def crawl_flow(cfg: PipelineConfig) -> dict[str, Any]:
     from data.crawl import crawl
 
     c = cfg.crawl
-    return crawl(
+    counts = crawl(
         cfg.stage_dir("harvest") / "candidates.parquet",
         cfg.stage_dir("crawl"),
         image_size=c.image_size,
@@ -45,9 +48,35 @@ def crawl_flow(cfg: PipelineConfig) -> dict[str, Any]:
         shard_size=c.shard_size,
         processes=c.processes,
         threads=c.threads,
-        timeout=c.timeout,
         retries=c.retries,
         scheduler_address=c.scheduler_address,
+        policy=fetch_policy(cfg),
+    )
+    create_table_artifact(
+        key="crawl-status",
+        table=[{"reason": reason, "urls": n} for reason, n in counts.get("reasons", {}).items()],
+        description=f"{counts.get('urls', 0)} candidate URLs, one status each (crawl/status.parquet)",
+    )
+    return counts
+
+
+def fetch_policy(cfg: PipelineConfig) -> FetchPolicy:
+    c = cfg.crawl
+    allowed = list(c.allowed_addresses)
+    if cfg.web.enabled:
+        allowed.append("127.0.0.1")  # the embedded synthetic web is served there
+    return FetchPolicy(
+        timeout=c.timeout,
+        deadline=c.deadline if c.deadline is not None else 4 * c.timeout,
+        max_bytes=c.max_image_bytes,
+        max_pixels=c.max_image_pixels,
+        allowed_addresses=tuple(allowed),
+        user_agent=c.user_agent,
+        robots_txt=c.robots_txt,
+        x_robots_directives=tuple(c.x_robots_directives),
+        max_connections_per_host=c.max_connections_per_host,
+        max_requests_per_second_per_host=c.max_requests_per_second_per_host,
+        max_retry_after=c.max_retry_after,
     )
 
 

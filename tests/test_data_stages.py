@@ -20,8 +20,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from data.crawl import crawl
+from data.crawl import STATUS_FILE, crawl, shard_parquets
 from data.dedup import dedup
+from data.fetch import FetchPolicy
 from data.harvest import harvest_site
 from data.manifest import file_sha256, hash_outputs, read_manifest, stable_hash, write_manifest
 from data.shards import count_samples, iter_samples, make_batches, shard_paths, write_shards
@@ -33,6 +34,8 @@ def SLOW_DASK(fn):  # noqa: N802 - reads as a marker
     return pytest.mark.slow(pytest.mark.integration(fn))
 
 TIMEOUT = 1.0  # crawl socket timeout in these tests; /img/slow.jpg stalls 3x longer
+# The site lives on 127.0.0.1, which the crawler's address guard refuses unless allowed.
+POLICY = FetchPolicy(timeout=TIMEOUT, deadline=4 * TIMEOUT, allowed_addresses=("127.0.0.1",))
 
 
 # ---------------------------------------------------------------------------- the site
@@ -193,7 +196,7 @@ def harvested(site, tmp_path_factory):
 def crawled(harvested, tmp_path_factory):
     out = tmp_path_factory.mktemp("crawl")
     t0 = time.monotonic()
-    counts = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, processes=2, threads=8, timeout=TIMEOUT)
+    counts = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, processes=2, threads=8, policy=POLICY)
     counts["_wall_s"] = time.monotonic() - t0
     return out, counts
 
@@ -270,21 +273,26 @@ def test_harvest_bad_seeds(site, tmp_path):
 def test_crawl_layout_and_counts(crawled):
     out, counts = crawled
     names = sorted(p.name for p in out.iterdir())
-    assert names == [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    assert names == sorted([f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+                           + [STATUS_FILE])
     assert counts["urls"] == N_IMAGES + 2 + len(BAD) and counts["shards"] == 3
     assert counts["successes"] == N_IMAGES + 2  # img-02 twice + the mirror copy: dedup's job
     assert counts["failed_to_download"] == 5  # 404, 500, stall, trickle, X-Robots-Tag noai
     assert counts["failed_to_resize"] == 2  # html body, truncated jpeg
-    sd = counts["status_dict"]
-    assert sd["success"] == N_IMAGES + 2
-    assert sd["HTTP Error 404: Not Found"] == 1 and sd["HTTP Error 500: Internal Server Error"] == 1
-    assert sd["timed out"] == 1 and sd["Image decoding error"] == 2
-    assert sd["Use of image disallowed by X-Robots-Tag directive"] == 1
-    assert any(k.startswith("download exceeded") for k in sd)  # the trickle, cut by the total deadline
+    assert counts["reasons"] == {
+        "success": N_IMAGES + 2, "decode_error": 2, "deadline_exceeded": 1, "http_404": 1, "http_500": 1,
+        "timeout": 1, "x_robots_tag": 1,
+    }
+    sd = counts["status_dict"]  # img2dataset's own per-shard counters carry our reason codes
+    assert sd["success"] == N_IMAGES + 2 and sd["http_404"] == 1 and sd["Image decoding error"] == 2
     assert counts["success_rate"] == pytest.approx(42 / 49, abs=1e-6)
     json.dumps(counts)
-    meta = pd.concat(pd.read_parquet(p) for p in sorted(out.glob("*.parquet")))
-    assert {"key", "url", "caption", "page", "status", "sha256", "width", "height"} <= set(meta.columns)
+    status = pd.read_parquet(out / STATUS_FILE)
+    assert list(status.columns) == ["key", "url", "status", "reason"]
+    assert len(status) == counts["urls"] and status["key"].is_unique  # exactly one row per candidate
+    assert dict(status["reason"].value_counts()) == counts["reasons"]
+    meta = pd.concat(pd.read_parquet(p) for p in shard_parquets(out))
+    assert {"key", "url", "caption", "status", "sha256", "width", "height"} <= set(meta.columns)
     ok = meta[meta.status == "success"]
     assert (ok.width == 64).all() and (ok.height == 64).all()
     with tarfile.open(out / "00000.tar") as tf:
@@ -297,7 +305,7 @@ def test_crawl_rerun_skips_done_shards(crawled, harvested):
     out, first = crawled
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     t0 = time.monotonic()
-    again = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, timeout=TIMEOUT)
+    again = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, policy=POLICY)
     assert time.monotonic() - t0 < 10  # no cluster, no downloads
     assert again["shards_downloaded"] == 0 and again["shards_skipped"] == 3
     assert {k: again[k] for k in ("urls", "successes", "status_dict")} == {
@@ -315,29 +323,26 @@ def test_crawl_resumes_a_missing_shard(crawled, harvested, tmp_path):
     shutil.copytree(crawled[0], out)
     for p in out.glob("00001*"):
         p.unlink()
-    counts = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, processes=1, threads=8, timeout=TIMEOUT)
+    counts = crawl(harvested[0] / "candidates.parquet", out, shard_size=17, processes=1, threads=8, policy=POLICY)
     assert counts["shards_downloaded"] == 1 and counts["shards_skipped"] == 2
     assert counts["successes"] == crawled[1]["successes"] and counts["shards"] == 3
     assert not (out / "_tmp").exists()
 
 
-def test_bounded_download_matches_img2dataset(site):
-    """Our per-image-deadline copy of img2dataset's download_image gives the same results
-    as the original on everything the original finishes, and cuts the trickle short."""
-    from img2dataset.downloader import download_image as original
-
-    from data.crawl import DISALLOWED_HEADER_DIRECTIVES, _make_bounded_download_image
+def test_download_image_speaks_img2dataset(site):
+    """Our drop-in for img2dataset's download_image returns what its Downloader expects:
+    (key, stream, None) on success and (key, None, reason code) on failure."""
+    from data.crawl import make_download_image
+    from data.fetch import Fetcher
 
     _, base = site
-    bounded = _make_bounded_download_image(max_seconds=0.5, max_bytes=1 << 20)
-    directives = set(DISALLOWED_HEADER_DIRECTIVES)
-    for name in ["00", "missing", "error", "notimage", "noai", "short", "slow"]:
-        row = (0, f"{base}/img/{name}.jpg")
-        a, b = (f(row, TIMEOUT, "witclip", directives) for f in (original, bounded))
-        assert (a[1] and a[1].getvalue(), a[2]) == (b[1] and b[1].getvalue(), b[2]), name
-    t0 = time.monotonic()
-    _, stream, err = bounded((0, f"{base}/img/trickle.jpg"), TIMEOUT, "witclip", directives)
-    assert stream is None and err == "download exceeded 0.5s" and time.monotonic() - t0 < 2
+    download = make_download_image(Fetcher(POLICY))
+    key, stream, err = download((7, f"{base}/img/00.jpg"), TIMEOUT, "witclip", ["noai"])
+    assert key == 7 and err is None and stream.getvalue() == _jpeg(0)
+    assert download((8, f"{base}/img/missing.jpg"), TIMEOUT, "witclip", ["noai"]) == (8, None, "http_404")
+    assert download((9, f"{base}/img/noai.jpg"), TIMEOUT, "witclip", ["noai"]) == (9, None, "x_robots_tag")
+    guarded = make_download_image(Fetcher(FetchPolicy()))  # no allowlist: 127.0.0.1 is refused
+    assert guarded((1, f"{base}/img/00.jpg"), TIMEOUT, "witclip", []) == (1, None, "private_address")
 
 
 def test_crawl_bad_inputs(tmp_path):
@@ -351,15 +356,30 @@ def test_crawl_bad_inputs(tmp_path):
         crawl(tmp_path / "junk.parquet", tmp_path / "out")
 
 
+def _success_keys_and_duplicates(out: Path) -> tuple[set[str], list[str]]:
+    meta = pd.concat(pd.read_parquet(p) for p in shard_parquets(out))
+    tar_keys = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            tar_keys += [m.name.split(".", 1)[0] for m in tf if m.name.endswith(".jpg")]
+    keys = list(meta["key"]) + tar_keys
+    dupes = sorted({k for k in keys if keys.count(k) > 2})  # each key: one parquet row + one tar jpg
+    return set(meta.loc[meta.status == "success", "key"]), dupes + sorted(
+        k for k in set(tar_keys) if tar_keys.count(k) > 1)
+
+
 @SLOW_DASK
 def test_crawl_survives_a_killed_worker(site, tmp_path):
     """A worker SIGKILLed mid-shard (by the server, on the first request for the victim URL):
-    Dask reschedules the shard on a fresh worker and every sample still lands."""
+    Dask reschedules the shard on a fresh worker; the successful keys equal an undisturbed
+    run's and no key is written twice."""
     from distributed import Client, LocalCluster
 
     srv, base = site
     urls = [f"{base}/kill/{i:02d}.jpg" for i in range(24)]
     urls[3] = f"{base}/kill/victim.jpg"
+    urls[10] = f"{base}/img/missing.jpg"  # failures must come out the same too
+    urls[20] = f"{base}/img/notimage.jpg"
     pd.DataFrame({"url": urls, "caption": [f"k{i}" for i in range(24)]}).to_parquet(tmp_path / "c.parquet")
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1",
@@ -367,11 +387,21 @@ def test_crawl_survives_a_killed_worker(site, tmp_path):
     ) as cluster, Client(cluster) as client:
         srv.worker_pids = list(client.run(os.getpid).values())
         counts = crawl(
-            tmp_path / "c.parquet", tmp_path / "out", shard_size=8, threads=4, timeout=TIMEOUT,
+            tmp_path / "c.parquet", tmp_path / "out", shard_size=8, threads=4, policy=POLICY,
             scheduler_address=cluster.scheduler_address,
         )
-    assert len(srv.killed) == 1 and srv.hits["/kill/victim.jpg"] >= 2
-    assert counts["urls"] == 24 and counts["successes"] == 24 and counts["shards"] == 3
+        assert len(srv.killed) == 1 and srv.hits["/kill/victim.jpg"] >= 2
+        calm = crawl(  # the victim URL no longer kills: an undisturbed run of the same list
+            tmp_path / "c.parquet", tmp_path / "calm", shard_size=8, threads=4, policy=POLICY,
+            scheduler_address=cluster.scheduler_address,
+        )
+    assert len(srv.killed) == 1
+    assert counts["urls"] == 24 and counts["successes"] == 22 and counts["shards"] == 3
+    assert counts["reasons"] == calm["reasons"] == {"success": 22, "http_404": 1, "decode_error": 1}
+    killed_keys, killed_dupes = _success_keys_and_duplicates(tmp_path / "out")
+    calm_keys, calm_dupes = _success_keys_and_duplicates(tmp_path / "calm")
+    assert killed_keys == calm_keys and len(killed_keys) == 22
+    assert killed_dupes == [] and calm_dupes == []
 
 
 # ---------------------------------------------------------------------------------- dedup
