@@ -6,6 +6,10 @@ are simple rendered scenes (N coloured shapes on a neutral background) and whose
 texts describe them faithfully. Like the real web it is messy on purpose: some alt
 texts are junk, some images are exact or near duplicates, and some URLs fail in the
 ways a downloader must survive (404, 500, slow, truncated JPEG, HTML served as JPEG).
+`SiteSpec.fault_kinds` can switch on the hostile faults too (`ALL_FAULT_KINDS`: byte drip,
+redirect loops, redirects to a private address, endless bodies, a PNG decompression bomb,
+429 throttling, robots.txt-disallowed and `X-Robots-Tag: noai` images) for crawler tests;
+`SyntheticWeb.requests()` then tells a test exactly what the crawler asked for.
 
 The same generator (`random_scene`, `render_scene`) also makes the held-out zero-shot
 benchmarks in `data.benchmarks.synthetic`, so a tiny CLIP trained on the crawl can be
@@ -24,12 +28,16 @@ import io
 import json
 import math
 import random
+import selectors
+import socket
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image, ImageDraw
 
@@ -61,7 +69,21 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 
-FAULT_KINDS: tuple[str, ...] = ("404", "500", "slow", "truncated", "not_image")
+# The demo's faults: the ones every downloader meets and must merely count.
+DEMO_FAULT_KINDS: tuple[str, ...] = ("404", "500", "slow", "truncated", "not_image")
+FAULT_KINDS = DEMO_FAULT_KINDS  # the old name, kept for code that imports it
+# Hostile and politeness faults for crawler tests; see `Site.response` for what each serves.
+EXTRA_FAULT_KINDS: tuple[str, ...] = (
+    "drip",  # 200, no Content-Length, then one byte every `drip_interval` seconds
+    "redirect_loop",  # 302 between /img/<id>.jpg and /img/<id>.jpg?loop=1, forever
+    "redirect_private",  # 302 to <private_target>/img/<id>.jpg (a non-public address)
+    "too_large",  # Content-Length: 50 GiB, then zeros until the client leaves
+    "bomb",  # a 20000 x 20000 PNG that is tens of KB on the wire
+    "429",  # 429 + Retry-After for the first `throttle_times` GETs, then the image
+    "robots",  # served under /img-noindex/, which robots.txt disallows
+    "noai",  # the image with `X-Robots-Tag: noai`
+)
+ALL_FAULT_KINDS: tuple[str, ...] = DEMO_FAULT_KINDS + EXTRA_FAULT_KINDS
 ImageKind = Literal["clean", "noisy", "exact_dup", "near_dup"]
 
 # Bounding radius of one object as a fraction of the image side. Tuned so a 64 px
@@ -380,32 +402,77 @@ class SiteSpec:
     fault_rate: float = 0.08
     slow_seconds: float = 3.0
     jpeg_quality: int = 90
+    # New fields go last so positional construction keeps working.
+    fault_kinds: tuple[str, ...] = DEMO_FAULT_KINDS  # faults are split evenly over these
+    drip_interval: float = 0.2  # seconds between bytes of a "drip" body
+    drip_max_seconds: float = 120.0  # server-side cap on one drip, in case the client never leaves
+    throttle_times: int = 1  # GETs of a "429" URL answered 429 before the image is served
+    retry_after_seconds: int = 1  # the Retry-After value those 429s carry
+
+    def __post_init__(self) -> None:
+        # Accept any sequence but store a tuple: the spec must stay hashable.
+        object.__setattr__(self, "fault_kinds", tuple(self.fault_kinds))
+        unknown = [kind for kind in self.fault_kinds if kind not in ALL_FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kind(s) {unknown}; expected a subset of {list(ALL_FAULT_KINDS)}")
+        if len(set(self.fault_kinds)) != len(self.fault_kinds):
+            raise ValueError(f"fault_kinds has duplicates: {list(self.fault_kinds)}")
+        if self.fault_rate > 0 and not self.fault_kinds:
+            raise ValueError("fault_rate > 0 needs at least one fault kind")
+        if self.drip_interval <= 0 or self.drip_max_seconds < 0:
+            raise ValueError("drip_interval must be > 0 and drip_max_seconds >= 0")
+        if self.throttle_times < 0 or self.retry_after_seconds < 0:
+            raise ValueError("throttle_times and retry_after_seconds must be >= 0")
 
 
 @dataclass(frozen=True)
 class ImageEntry:
     """One `<img>` on the site and the ground truth behind it."""
 
-    path: str  # "/img/<id>.jpg"
+    path: str  # "/img/<id>.jpg"; "/img-noindex/<id>.jpg" for the "robots" fault
     page: str  # the page that embeds it
     scene: Scene
     caption: str  # the alt text as served
     kind: ImageKind
-    fault: str | None  # one of FAULT_KINDS, or None
+    fault: str | None  # one of ALL_FAULT_KINDS, or None
     duplicate_of: str | None  # source image path for exact_dup / near_dup
     render_seed: int
     jpeg_quality: int
 
 
+ResponseMode = Literal["plain", "drip", "too_large"]
+
+
 @dataclass(frozen=True)
 class Response:
+    """What the server sends for one request.
+
+    `mode` "plain" sends `body` with its Content-Length. The streaming modes are written
+    by the handler piece by piece: "drip" cycles through `body` one byte at a time with no
+    Content-Length; "too_large" announces `TOO_LARGE_CLAIMED_BYTES` and sends zeros.
+    """
+
     status: int
     content_type: str
     body: bytes
     delay_seconds: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()  # extra headers: Location, Retry-After, X-Robots-Tag
+    mode: ResponseMode = "plain"
 
+
+# Where "redirect_private" points when the server was given no target: a loopback
+# address other than the server's own and the discard port, so nothing real answers.
+DEFAULT_PRIVATE_TARGET = "http://127.0.0.2:9"
+NOINDEX_PREFIX = "/img-noindex/"  # robots.txt disallows it; "robots" faults live there
+TOO_LARGE_CLAIMED_BYTES = 50 * 2**30  # the Content-Length a "too_large" response announces
+TOO_LARGE_CHUNK_BYTES = 64 * 2**10
+TOO_LARGE_MAX_BYTES = 256 * 2**20  # what it actually sends at most, if the client keeps reading
+BOMB_SIDE = 20000  # pixels per side of the "bomb" PNG
+_STREAM_SEND_TIMEOUT = 10.0  # a streaming write blocked this long means the client stopped reading
 
 _ROBOTS_TXT = "User-agent: *\nAllow: /\n"
+# Only sites that have "robots" faults get the Disallow line, so the demo's robots.txt is unchanged.
+_ROBOTS_TXT_NOINDEX = f"User-agent: *\nDisallow: {NOINDEX_PREFIX}\nAllow: /\n"
 _FILLER_WORDS = (
     "gallery archive collection notes weekly update samples studio sketches set "
     "uploads from our latest batch of drawings more below thanks for visiting"
@@ -419,8 +486,10 @@ class Site:
         self.spec = spec
         self.pages = pages  # path -> html, including the index "/"
         self.images = images  # path -> entry, in page order
-        self.robots_txt = _ROBOTS_TXT
+        has_noindex = any(entry.fault == "robots" for entry in images.values())
+        self.robots_txt = _ROBOTS_TXT_NOINDEX if has_noindex else _ROBOTS_TXT
         self._image_bytes: dict[str, bytes] = {}
+        self._throttled: dict[str, int] = {}  # "429" path -> GETs answered 429 so far
         self._lock = threading.Lock()
 
     def image_bytes(self, path: str) -> bytes:
@@ -436,8 +505,15 @@ class Site:
                 cached = self._image_bytes[path] = encode_jpeg(image, entry.jpeg_quality)
             return cached
 
-    def response(self, path: str) -> Response:
-        """What the server sends for a GET of `path` (without query string)."""
+    def response(
+        self, path: str, query: str = "", *, method: str = "GET", private_target: str = DEFAULT_PRIVATE_TARGET
+    ) -> Response:
+        """What the server sends for `method` on `path` (query string separate, without "?").
+
+        Only "429" faults are stateful: each GET of such a path (HEAD does not count) uses
+        up one of its `spec.throttle_times` refusals. `private_target` is the base URL
+        that "redirect_private" faults send the client to.
+        """
         if path in ("/", "/index.html") or path in self.pages:
             html_text = self.pages["/" if path == "/index.html" else path]
             return Response(200, "text/html; charset=utf-8", html_text.encode("utf-8"))
@@ -454,16 +530,63 @@ class Site:
             # A soft error page mislabelled as a JPEG: the downloader must check bytes.
             body = b"<!doctype html><html><body><h1>Image temporarily unavailable</h1></body></html>"
             return Response(200, "image/jpeg", body)
+        if entry.fault == "redirect_loop":
+            # A -> A?loop=1 -> A -> ...: only a redirect limit ends it.
+            looped = "1" in parse_qs(query).get("loop", [])
+            return _redirect(path if looped else f"{path}?loop=1")
+        if entry.fault == "redirect_private":
+            # Same image path on another host: a crawler must refuse to follow it there.
+            return _redirect(private_target.rstrip("/") + path)
+        if entry.fault == "too_large":
+            return Response(200, "image/jpeg", b"", mode="too_large")
+        if entry.fault == "bomb":
+            return Response(200, "image/png", bomb_png())
+        if entry.fault == "429" and self._throttle(path, count=method == "GET"):
+            body = b"429 Too Many Requests: slow down\n"
+            retry_after = (("Retry-After", str(self.spec.retry_after_seconds)),)
+            return Response(429, "text/plain; charset=utf-8", body, headers=retry_after)
         data = self.image_bytes(path)
         if entry.fault == "truncated":
             return Response(200, "image/jpeg", data[: len(data) // 2])
         if entry.fault == "slow":
             return Response(200, "image/jpeg", data, delay_seconds=self.spec.slow_seconds)
+        if entry.fault == "drip":
+            return Response(200, "image/jpeg", data, mode="drip")
+        if entry.fault == "noai":
+            return Response(200, "image/jpeg", data, headers=(("X-Robots-Tag", "noai"),))
+        # Clean images, and "robots" ones: served if asked, robots.txt is the client's business.
         return Response(200, "image/jpeg", data)
+
+    def _throttle(self, path: str, count: bool) -> bool:
+        """Whether this request of a "429" path gets refused; a refused GET uses one up."""
+        with self._lock:
+            refused = self._throttled.get(path, 0)
+            if refused >= self.spec.throttle_times:
+                return False
+            if count:
+                self._throttled[path] = refused + 1
+            return True
+
+    def reset_throttles(self) -> None:
+        """Let every "429" path refuse `spec.throttle_times` GETs again."""
+        with self._lock:
+            self._throttled.clear()
+
+    def expected_status(self, path_or_url: str) -> str:
+        """The fault kind an image URL (or path) was built with, or "ok" for everything else served.
+
+        Raises KeyError for paths the site does not have.
+        """
+        path = unquote(urlsplit(path_or_url).path)
+        if path in self.images:
+            return self.images[path].fault or "ok"
+        if path in ("/", "/index.html", "/robots.txt") or path in self.pages:
+            return "ok"
+        raise KeyError(f"not a path of this site: {path_or_url!r}")
 
     def stats(self) -> dict[str, Any]:
         entries = list(self.images.values())
-        faults = {kind: sum(e.fault == kind for e in entries) for kind in FAULT_KINDS}
+        faults = {kind: sum(e.fault == kind for e in entries) for kind in self.spec.fault_kinds}
         return {
             "seed": self.spec.seed,
             "n_pages": self.spec.n_pages,  # gallery pages; `pages` also holds the index "/"
@@ -482,12 +605,60 @@ def _error_page(status: int, reason: str) -> Response:
     return Response(status, "text/html; charset=utf-8", body)
 
 
+def _redirect(location: str) -> Response:
+    body = f'<!doctype html><html><body><a href="{html.escape(location)}">moved</a></body></html>'.encode()
+    return Response(302, "text/html; charset=utf-8", body, headers=(("Location", location),))
+
+
+_bomb_lock = threading.Lock()
+_bomb_cache: bytes | None = None
+
+
+def bomb_png() -> bytes:
+    """The "bomb" fault's body: a valid all-black `BOMB_SIDE`-square 1-bit PNG, ~50 KB.
+
+    Its header claims 400 million pixels (PIL refuses to open it by default); decoding it
+    would inflate ~50 MB of scanlines. Built once per process, on first use.
+    """
+    global _bomb_cache
+    with _bomb_lock:
+        if _bomb_cache is None:
+            _bomb_cache = _build_zero_png(BOMB_SIDE, BOMB_SIDE)
+        return _bomb_cache
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _build_zero_png(width: int, height: int) -> bytes:
+    # IHDR: bit depth 1, colour type 0 (greyscale), deflate, adaptive filtering, no interlace.
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    # Each scanline is a filter byte (0 = None) plus width bits; all zero, so the whole
+    # image is one run of zeros, fed to the compressor a block of rows at a time.
+    row_bytes = 1 + (width + 7) // 8
+    rows_per_block = 512
+    compressor = zlib.compressobj(9)
+    block = bytes(row_bytes * rows_per_block)
+    parts = []
+    for first_row in range(0, height, rows_per_block):
+        rows = min(rows_per_block, height - first_row)
+        parts.append(compressor.compress(block if rows == rows_per_block else bytes(row_bytes * rows)))
+    parts.append(compressor.flush())
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def build_site(spec: SiteSpec) -> Site:
     """Build pages, image entries and captions deterministically from `spec`.
 
     Kind counts are exact (round(rate * n_image_refs)) rather than sampled, so stats are
-    predictable. Faults only hit clean images, and duplicates always copy an earlier,
-    fault-free clean image.
+    predictable. Faults only hit clean images and are dealt round-robin over
+    `spec.fault_kinds`; duplicates always copy an earlier, fault-free clean image.
     """
     if spec.n_pages < 1 or spec.images_per_page < 0 or spec.links_per_page < 1:
         raise ValueError(f"invalid site spec: {spec}")
@@ -512,14 +683,14 @@ def build_site(spec: SiteSpec) -> Site:
     clean_candidates = [i for i in special if i not in kind_of]
     fault_of: dict[int, str] = {}
     for k, index in enumerate(rng.sample(clean_candidates, min(n_fault, len(clean_candidates)))):
-        fault_of[index] = FAULT_KINDS[k % len(FAULT_KINDS)]  # split evenly among kinds
+        fault_of[index] = spec.fault_kinds[k % len(spec.fault_kinds)]  # split evenly among kinds
 
     # Image entries in page order.
     images: dict[str, ImageEntry] = {}
     sources: list[ImageEntry] = []  # clean, fault-free: eligible to be duplicated
     for index in range(n_refs):
         page = f"/page/{index // spec.images_per_page}.html"
-        path = _unique_image_path(rng, images)
+        path = _unique_image_path(rng, images, noindex=fault_of.get(index) == "robots")
         kind = kind_of.get(index, "clean")
         render_seed = rng.getrandbits(63)
         duplicate_of = None
@@ -563,11 +734,13 @@ def build_site(spec: SiteSpec) -> Site:
     return Site(spec, pages, images)
 
 
-def _unique_image_path(rng: random.Random, taken: dict[str, ImageEntry]) -> str:
+def _unique_image_path(rng: random.Random, taken: dict[str, ImageEntry], noindex: bool = False) -> str:
+    # The same draws whatever the prefix, so adding "robots" faults moves no other URL;
+    # ids stay unique across both prefixes.
     while True:
-        path = f"/img/{rng.getrandbits(48):012x}.jpg"
-        if path not in taken:
-            return path
+        image_id = f"{rng.getrandbits(48):012x}.jpg"
+        if f"/img/{image_id}" not in taken and f"{NOINDEX_PREFIX}{image_id}" not in taken:
+            return f"{NOINDEX_PREFIX}{image_id}" if noindex else f"/img/{image_id}"
 
 
 def _page_link(target: int, rng: random.Random) -> str:
@@ -622,6 +795,51 @@ def _page_html(spec: SiteSpec, index: int, entries: list[ImageEntry], rng: rando
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request a `SyntheticWeb` handled, for tests to check what a crawler asked for."""
+
+    path: str  # the request target as sent, query string included
+    method: str
+    status: int  # the status the site answered (or was about to answer when the client left)
+    start: float  # time.monotonic() when handling began
+    end: float  # time.monotonic() when the handler finished or noticed the client had left
+    bytes_sent: int  # body bytes written (headers not counted)
+    user_agent: str  # "" when the client sent none
+    client_gone: bool  # a write failed or the client hung up mid-response (best effort)
+
+
+class _RequestLog:
+    # A record lands just after its response went out, so a client can finish before the
+    # server has logged it; counting handlers in flight lets a test wait for the log to settle.
+    def __init__(self) -> None:
+        self._records: list[RequestRecord] = []
+        self._in_flight = 0
+        self._changed = threading.Condition()
+
+    def begin(self) -> None:
+        with self._changed:
+            self._in_flight += 1
+
+    def append(self, record: RequestRecord) -> None:
+        with self._changed:
+            self._records.append(record)
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def snapshot(self) -> list[RequestRecord]:
+        with self._changed:
+            return list(self._records)
+
+    def clear(self) -> None:
+        with self._changed:
+            self._records.clear()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_flight == 0, timeout)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_SiteServer"
     server_version = "witclip-synthetic-web/1.0"
@@ -633,19 +851,98 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(send_body=False)
 
     def _respond(self, send_body: bool) -> None:
-        response = self.server.site.response(unquote(urlsplit(self.path).path))
+        started = time.monotonic()
+        self._sent, self._gone = 0, False
+        status = 0
+        self.server.log.begin()
         try:
+            target = urlsplit(self.path)
+            response = self.server.site.response(
+                unquote(target.path), target.query, method=self.command, private_target=self.server.private_target
+            )
+            status = response.status
             if send_body and response.delay_seconds > 0:
                 time.sleep(response.delay_seconds)  # delay before headers, so client timeouts fire
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
+            if response.mode == "plain":
+                self.send_header("Content-Length", str(len(response.body)))
+            elif response.mode == "too_large":
+                self.send_header("Content-Length", str(TOO_LARGE_CLAIMED_BYTES))
+            for name, value in response.headers:
+                self.send_header(name, value)
+            if response.mode != "plain":
+                self.send_header("Connection", "close")
             self.end_headers()
             if send_body:
-                self.wfile.write(response.body)
-        except (BrokenPipeError, ConnectionResetError):
-            # The client gave up (e.g. timed out on a slow image): nothing to report.
-            self.close_connection = True
+                if response.mode == "drip":
+                    self._drip(response.body)
+                elif response.mode == "too_large":
+                    self._stream_zeros()
+                else:
+                    self._write(response.body)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            # The client gave up (timed out on a slow image, stopped reading a stream): routine.
+            self._gone = True
+        finally:
+            if self._gone:
+                self.close_connection = True
+            self.server.log.append(
+                RequestRecord(
+                    path=self.path,
+                    method=self.command,
+                    status=status,
+                    start=started,
+                    end=time.monotonic(),
+                    bytes_sent=self._sent,
+                    user_agent=self.headers.get("User-Agent", ""),
+                    client_gone=self._gone,
+                )
+            )
+
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self._sent += len(data)
+
+    def _drip(self, body: bytes) -> None:
+        # A client that never hangs up must not stall forever on a write either.
+        self.connection.settimeout(_STREAM_SEND_TIMEOUT)
+        spec = self.server.site.spec
+        deadline = time.monotonic() + spec.drip_max_seconds
+        index = 0
+        while time.monotonic() < deadline and not self.server.stopping.is_set():
+            self._write(body[index % len(body) : index % len(body) + 1])
+            index += 1
+            if self._hung_up_within(spec.drip_interval):
+                self._gone = True
+                return
+
+    def _stream_zeros(self) -> None:
+        # A client that stops reading (but stays connected) makes the write time out.
+        self.connection.settimeout(_STREAM_SEND_TIMEOUT)
+        chunk = bytes(TOO_LARGE_CHUNK_BYTES)
+        while self._sent < TOO_LARGE_MAX_BYTES and not self.server.stopping.is_set():
+            self._write(chunk)
+
+    def _hung_up_within(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True as soon as the client has closed its end.
+
+        Watching the socket (rather than sleeping and waiting for a write to fail, which
+        takes two writes after a close) notices a hang-up within milliseconds.
+        """
+        # selectors, not select.select: a busy test process can have fds above FD_SETSIZE.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ)
+            if not selector.select(seconds):
+                return False
+        try:
+            peeked = self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+        if not peeked:
+            return True  # EOF: the client closed
+        time.sleep(seconds)  # it sent more bytes: not a hang-up, just wait the interval out
+        return False
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one stderr line per request would drown the pipeline logs
@@ -657,8 +954,11 @@ class _SiteServer(ThreadingHTTPServer):
     # client's SYN retry then lands after its timeout and a healthy image counts as a failure.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], site: Site):
+    def __init__(self, address: tuple[str, int], site: Site, log: _RequestLog, private_target: str):
         self.site = site
+        self.log = log
+        self.private_target = private_target
+        self.stopping = threading.Event()  # streaming responses end when it is set
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -672,23 +972,176 @@ class _SiteServer(ThreadingHTTPServer):
 class SyntheticWeb:
     """Serve a built site on 127.0.0.1 from a background daemon thread.
 
+    `private_target` is the base URL (e.g. a `CountingServer`'s) that "redirect_private"
+    faults redirect to; by default `DEFAULT_PRIVATE_TARGET`, where nothing listens.
+
     >>> with SyntheticWeb(SiteSpec(seed=1)) as web:
     ...     seed_url = web.url  # http://127.0.0.1:<port>/
     """
 
-    def __init__(self, spec: SiteSpec | None = None, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        spec: SiteSpec | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        private_target: str | None = None,
+    ):
         self.spec = spec or SiteSpec()
         self.site = build_site(self.spec)
+        self.private_target = private_target or DEFAULT_PRIVATE_TARGET
         self._address = (host, port)
+        self._log = _RequestLog()  # outlives stop(), so a test can read it afterwards
         self._server: _SiteServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> str:
         """Start serving (port 0 = chosen by the OS) and return the seed URL."""
         if self._server is None:
-            self._server = _SiteServer(self._address, self.site)
+            self._server = _SiteServer(self._address, self.site, self._log, self.private_target)
             self._thread = threading.Thread(
                 target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="synthetic-web", daemon=True
+            )
+            self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.stopping.set()  # ends drips and endless bodies still being written
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server, self._thread = None, None
+
+    def requests(self) -> list[RequestRecord]:
+        """Every request handled so far, in the order they finished (a copy).
+
+        A request appears once its handler is done, a moment after the client got the
+        response; call `wait_idle` first to be sure every finished exchange is in.
+        """
+        return self._log.snapshot()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no request is being handled; False if `timeout` seconds passed first.
+
+        A drip or endless body still held open by a client keeps the server busy.
+        """
+        return self._log.wait_idle(timeout)
+
+    def reset_requests(self) -> None:
+        self._log.clear()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("SyntheticWeb is not running; call start() first")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def __enter__(self) -> "SyntheticWeb":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class _CountingHandler(BaseHTTPRequestHandler):
+    server: "_CountingHTTPServer"
+    server_version = "witclip-counting/1.0"
+
+    def parse_request(self) -> bool:
+        # Count every well-formed request whatever its method, before any do_* runs.
+        parsed = super().parse_request()
+        if parsed:
+            self.server.owner._record(self.command, self.path)
+        return parsed
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _answer(self, send_body: bool) -> None:
+        body = self.server.owner.body
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _CountingHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], owner: "CountingServer"):
+        self.owner = owner
+        super().__init__(address, _CountingHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.owner._connected()
+        return True
+
+
+class CountingServer:
+    """A host a crawler must never reach (say, a private address): answers and counts.
+
+    Any GET or HEAD gets 200 with a tiny JPEG, so a crawler that does get through
+    "succeeds" and the test sees it in `count` (requests) and `connections` (TCP
+    connections accepted, even ones that never sent a request).
+
+    >>> with CountingServer("127.0.0.2") as private:
+    ...     web = SyntheticWeb(spec, private_target=private.url)
+    """
+
+    def __init__(self, host: str = "127.0.0.2", port: int = 0):
+        self._address = (host, port)
+        self.body = encode_jpeg(Image.new("RGB", (8, 8), (128, 128, 128)), 90)
+        self._paths: list[str] = []
+        self._connections = 0
+        self._lock = threading.Lock()
+        self._server: _CountingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _record(self, method: str, path: str) -> None:
+        with self._lock:
+            self._paths.append(f"{method} {path}")
+
+    def _connected(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return self._connections
+
+    @property
+    def requests(self) -> list[str]:
+        """"METHOD target" of every request so far."""
+        with self._lock:
+            return list(self._paths)
+
+    def start(self) -> str:
+        if self._server is None:
+            self._server = _CountingHTTPServer(self._address, self)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="counting-server", daemon=True
             )
             self._thread.start()
         return self.url
@@ -705,11 +1158,11 @@ class SyntheticWeb:
     @property
     def url(self) -> str:
         if self._server is None:
-            raise RuntimeError("SyntheticWeb is not running; call start() first")
+            raise RuntimeError("CountingServer is not running; call start() first")
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/"
 
-    def __enter__(self) -> "SyntheticWeb":
+    def __enter__(self) -> "CountingServer":
         self.start()
         return self
 

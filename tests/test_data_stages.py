@@ -230,15 +230,16 @@ def test_harvest_finds_pages_and_candidates(site, harvested):
         "candidates": N_IMAGES + 2 + len(BAD),  # + "spaced out" img-02 + the mirror copy
     }
     df = pd.read_parquet(out / "candidates.parquet")
-    assert list(df.columns) == ["url", "caption", "page"]
+    assert list(df.columns) == ["url", "caption", "source", "matched_query"]
     assert not df.duplicated(["url", "caption"]).any()
     by_url = dict(zip(df["url"], df["caption"]))
     # relative URLs resolved against their page: "../img/27.jpg" on /sub/page3.html
     assert by_url[f"{base}/img/27.jpg"] == _caption(27)
     assert by_url[f"{base}/img/02.jpg"] == "spaced out"
     assert {f"{base}/img/{i:02d}.jpg" for i in range(N_IMAGES)} <= set(df["url"])
-    assert df.loc[df["url"] == f"{base}/img/39.jpg", "page"].item() == f"{base}/sub/page4.html"
-    assert not any("other.invalid" in p for p in df["page"])
+    assert df.loc[df["url"] == f"{base}/img/39.jpg", "source"].item() == f"{base}/sub/page4.html"
+    assert not any("other.invalid" in p for p in df["source"])
+    assert df["matched_query"].isna().all()  # no query balancing asked for
 
 
 def test_harvest_bounds(site, tmp_path):
@@ -417,7 +418,7 @@ def test_dedup_drops_planted_duplicate(site, crawled, deduped):
     report = json.loads((out / "report.json").read_text())
     assert report["input"] == 42 and report["kept"] == 40
     assert report["dropped"] == {"duplicate_sha256": 2, "duplicate_url_caption": 0}
-    meta = pd.concat(pd.read_parquet(p) for p in crawled[0].glob("*.parquet")).set_index("key")
+    meta = pd.concat(pd.read_parquet(p) for p in shard_parquets(crawled[0])).set_index("key")
     dropped = meta.loc[report["dropped_keys"]["duplicate_sha256"]]
     # later copies of the same bytes go: the mirror, and img-02's second <img> with another alt
     assert sorted(zip(dropped.url, dropped.caption)) == [

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import io
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import urllib.robotparser
+import zlib
 from collections import deque
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,16 +27,25 @@ import pytest
 from PIL import Image
 
 from data.web import (
+    ALL_FAULT_KINDS,
     BACKGROUNDS,
+    BOMB_SIDE,
     COLOURS,
     COUNTS,
+    DEFAULT_PRIVATE_TARGET,
+    DEMO_FAULT_KINDS,
     FAULT_KINDS,
+    NOINDEX_PREFIX,
     NUMBER_WORDS,
     POSITIONS,
     SHAPES,
+    TOO_LARGE_CLAIMED_BYTES,
+    TOO_LARGE_MAX_BYTES,
+    CountingServer,
     Scene,
     SiteSpec,
     SyntheticWeb,
+    bomb_png,
     build_site,
     describe_scene,
     random_scene,
@@ -388,3 +403,342 @@ def test_cli_main_serves_until_interrupted():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ---------------------------------------------------------------- fault kinds and the default site
+
+
+def _site_fingerprint(site) -> str:
+    """sha256 over every page and every image entry's ground truth (render seed included)."""
+    digest = hashlib.sha256()
+    for path, text in site.pages.items():
+        digest.update(f"{path}\0{text}\0".encode())
+    for path, e in site.images.items():
+        fields = (path, e.page, e.kind, e.fault, e.duplicate_of, e.render_seed, e.jpeg_quality, e.caption)
+        digest.update(("|".join(map(str, fields)) + "\n").encode())
+    return digest.hexdigest()
+
+
+def test_default_site_is_unchanged_by_the_extra_fault_kinds(default_site):
+    # Recorded from build_site(SiteSpec()) before fault_kinds existed: the demo's web must not move.
+    assert default_site.stats() == {
+        "seed": 0, "n_pages": 40, "n_image_refs": 320,
+        "n_faults": {"404": 6, "500": 5, "slow": 5, "truncated": 5, "not_image": 5}, "n_faulty": 26,
+        "n_clean": 268, "n_noisy": 26, "n_exact_dup": 13, "n_near_dup": 13,
+    }  # fmt: skip
+    assert _site_fingerprint(default_site) == "499b501fffcbf6672fe93403f21d206c70e709c86e0441113f26ea1266d9df12"
+    assert _site_fingerprint(build_site(SERVED_SPEC)) == (
+        "ab5ce98e7861b8cde6b4b88a3eb8f73ff2de49b4b4833644455ab14f2919f295"
+    )
+    assert default_site.robots_txt == "User-agent: *\nAllow: /\n"
+    assert FAULT_KINDS == DEMO_FAULT_KINDS == SiteSpec().fault_kinds
+    assert len(ALL_FAULT_KINDS) == len(set(ALL_FAULT_KINDS)) == 13 and ALL_FAULT_KINDS[:5] == DEMO_FAULT_KINDS
+
+
+def test_fault_kinds_are_validated_and_the_spec_stays_hashable():
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        SiteSpec(fault_kinds=("404", "teapot"))
+    with pytest.raises(ValueError, match="duplicates"):
+        SiteSpec(fault_kinds=("404", "404"))
+    with pytest.raises(ValueError, match="at least one fault kind"):
+        SiteSpec(fault_kinds=())
+    assert SiteSpec(fault_rate=0, fault_kinds=()).fault_kinds == ()
+    spec = SiteSpec(fault_kinds=["drip", "bomb"])  # a list is stored as a tuple
+    assert spec.fault_kinds == ("drip", "bomb") and hash(spec) == hash(SiteSpec(fault_kinds=("drip", "bomb")))
+
+
+def test_all_fault_kinds_split_evenly_and_move_no_url():
+    kw = dict(seed=5, n_pages=10, images_per_page=10, fault_rate=0.4)
+    demo, full = build_site(SiteSpec(**kw)), build_site(SiteSpec(**kw, fault_kinds=ALL_FAULT_KINDS))
+    stats = full.stats()
+    assert list(stats["n_faults"]) == list(ALL_FAULT_KINDS)
+    per_kind = list(stats["n_faults"].values())
+    assert sum(per_kind) == stats["n_faulty"] == 40 and min(per_kind) >= 3 and max(per_kind) - min(per_kind) <= 1
+    # Same draws: the same image ids, captions and faulty positions; only "robots" entries changed prefix.
+    for a, b in zip(demo.images.values(), full.images.values()):
+        assert a.path.rsplit("/", 1)[1] == b.path.rsplit("/", 1)[1] and a.caption == b.caption
+        assert (a.fault is None) == (b.fault is None)
+        assert b.path.startswith(NOINDEX_PREFIX if b.fault == "robots" else "/img/"), b
+    assert full.robots_txt == "User-agent: *\nDisallow: /img-noindex/\nAllow: /\n"
+    for path, entry in full.images.items():
+        assert full.expected_status(path) == (entry.fault or "ok")
+        assert full.expected_status("http://127.0.0.1:1" + path + "?x=1") == (entry.fault or "ok")
+    assert full.expected_status("/") == full.expected_status("/page/3.html") == "ok"
+    with pytest.raises(KeyError):
+        full.expected_status("/img/000000000000.jpg")
+
+
+# ---------------------------------------------------------------- hostile faults, served
+
+HOSTILE_SPEC = SiteSpec(
+    seed=11,
+    n_pages=4,
+    images_per_page=13,
+    fault_rate=0.5,
+    fault_kinds=ALL_FAULT_KINDS,
+    drip_interval=0.05,
+    throttle_times=2,
+    retry_after_seconds=3,
+)
+UA = "witclip-test/1.0"
+
+
+@pytest.fixture(scope="module")
+def hostile_web():
+    with SyntheticWeb(HOSTILE_SPEC) as running:
+        yield running
+
+
+def _connect(web: SyntheticWeb, timeout: float = 10) -> http.client.HTTPConnection:
+    netloc = urlsplit(web.url).netloc
+    host, port = netloc.rsplit(":", 1)
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+
+def _get(web: SyntheticWeb, path: str, method: str = "GET") -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request, redirects not followed."""
+    conn = _connect(web)
+    try:
+        conn.request(method, path, headers={"User-Agent": UA})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def _record_for(web: SyntheticWeb, path: str, timeout: float = 5):
+    """The request log entry for `path`; records land when a handler finishes, so poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [r for r in web.requests() if r.path == path]
+        if found:
+            return found[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"no request record for {path}")
+
+
+def test_hostile_site_has_every_kind(hostile_web):
+    assert all(count >= 2 for count in hostile_web.site.stats()["n_faults"].values())
+    assert hostile_web.private_target == DEFAULT_PRIVATE_TARGET
+
+
+def test_request_log(hostile_web):
+    assert hostile_web.wait_idle(timeout=5)
+    hostile_web.reset_requests()
+    assert hostile_web.requests() == []
+    status, _, body = _get(hostile_web, "/page/1.html?utm=2")
+    _get(hostile_web, "/page/1.html", method="HEAD")
+    assert hostile_web.wait_idle(timeout=5)
+    get, head = hostile_web.requests()
+    assert (get.path, get.method, get.status, get.bytes_sent, get.user_agent) == (
+        "/page/1.html?utm=2", "GET", 200, len(body), UA
+    )
+    assert (head.method, head.status, head.bytes_sent, head.client_gone) == ("HEAD", 200, 0, False)
+    assert get.start <= get.end <= head.start <= head.end <= time.monotonic()
+    assert _get(hostile_web, "/nope")[0] == 404 and _record_for(hostile_web, "/nope").status == 404
+
+
+def test_drip_sends_bytes_slowly_until_the_client_leaves(hostile_web):
+    path = _first_with_fault(hostile_web.site, "drip").path
+    conn = _connect(hostile_web)
+    conn.request("GET", path, headers={"User-Agent": UA})
+    response = conn.getresponse()
+    assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+    assert response.headers["Content-Length"] is None
+    start = time.monotonic()
+    received = b"".join(response.read(1) for _ in range(4))
+    elapsed = time.monotonic() - start
+    assert received == hostile_web.site.image_bytes(path)[:4]  # the real JPEG, a byte at a time
+    assert elapsed >= 2.5 * HOSTILE_SPEC.drip_interval
+    closing = time.monotonic()
+    response.close()
+    conn.close()
+    record = _record_for(hostile_web, path)
+    assert record.client_gone and record.status == 200 and record.user_agent == UA
+    assert 0 <= record.end - closing < 1.0  # the handler noticed the hang-up and let go
+    assert 4 <= record.bytes_sent <= 4 + (record.end - record.start) / HOSTILE_SPEC.drip_interval + 1
+
+
+def test_drip_safety_limit_and_stop_end_streams():
+    spec = SiteSpec(n_pages=1, images_per_page=6, fault_rate=0.5, fault_kinds=("drip",), drip_interval=0.05,
+                    drip_max_seconds=0.3)  # fmt: skip
+    with SyntheticWeb(spec) as web:
+        path = _first_with_fault(web.site, "drip").path
+        start = time.monotonic()
+        status, _, body = _get(web, path)  # reads until the server closes
+        assert status == 200 and 0.25 < time.monotonic() - start < 2.0 and 2 <= len(body) <= 8
+        assert _record_for(web, path).client_gone is False
+
+    # stop() ends a drip whose safety limit is far off: the client sees the end of the body.
+    long_spec = SiteSpec(n_pages=1, images_per_page=6, fault_rate=0.5, fault_kinds=("drip",), drip_interval=0.05)
+    web = SyntheticWeb(long_spec)
+    web.start()
+    conn = _connect(web)
+    conn.request("GET", _first_with_fault(web.site, "drip").path)
+    response = conn.getresponse()
+    response.read(1)
+    stopped = time.monotonic()
+    web.stop()
+    response.read()  # EOF arrives once the handler sees `stopping`
+    assert time.monotonic() - stopped < 2.0
+    conn.close()
+
+
+def test_redirect_loop_alternates(hostile_web):
+    path = _first_with_fault(hostile_web.site, "redirect_loop").path
+    status, headers, _ = _get(hostile_web, path)
+    assert status == 302 and headers["Location"] == f"{path}?loop=1"
+    status, headers, _ = _get(hostile_web, f"{path}?loop=1")
+    assert status == 302 and headers["Location"] == path
+    # A client that follows redirects gives up on the loop.
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urljoin(hostile_web.url, path), timeout=10)
+    assert info.value.code == 302
+    info.value.close()
+
+
+def test_redirect_private_default_target(hostile_web):
+    path = _first_with_fault(hostile_web.site, "redirect_private").path
+    status, headers, _ = _get(hostile_web, path)
+    assert status == 302 and headers["Location"] == "http://127.0.0.2:9" + path
+
+
+def test_redirect_private_target_gets_nothing_unless_asked():
+    spec = SiteSpec(seed=3, n_pages=2, images_per_page=6, fault_rate=0.5, fault_kinds=("redirect_private",))
+    with CountingServer("127.0.0.2") as private, SyntheticWeb(spec, private_target=private.url) as web:
+        assert urlsplit(private.url).hostname == "127.0.0.2"
+        paths = [p for p, e in web.site.images.items() if e.fault == "redirect_private"]
+        assert len(paths) == 6
+        for path in paths:
+            status, headers, _ = _get(web, path)
+            assert status == 302 and headers["Location"] == private.url.rstrip("/") + path
+        assert private.count == 0 and private.connections == 0  # not followed: never contacted
+        # Following it by hand does reach the counting server.
+        location = _get(web, paths[0])[1]["Location"]
+        status, headers, body = fetch(location)
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        Image.open(io.BytesIO(body)).load()
+        assert private.count == 1 and private.requests == [f"GET {urlsplit(location).path}"]
+        assert fetch(location, method="HEAD")[0] == 200 and private.count == 2
+
+
+def test_too_large_announces_50_gib_and_stops_when_the_client_leaves(hostile_web):
+    path = _first_with_fault(hostile_web.site, "too_large").path
+    conn = _connect(hostile_web)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+    assert int(response.headers["Content-Length"]) == TOO_LARGE_CLAIMED_BYTES == 50 * 2**30
+    assert response.read(2**20) == bytes(2**20)
+    response.close()
+    conn.close()
+    record = _record_for(hostile_web, path)
+    assert record.client_gone and 2**20 <= record.bytes_sent < TOO_LARGE_MAX_BYTES
+    status, headers, body = _get(hostile_web, path, method="HEAD")
+    assert status == 200 and int(headers["Content-Length"]) == TOO_LARGE_CLAIMED_BYTES and body == b""
+
+
+def test_too_large_is_capped_server_side(hostile_web):
+    path = _first_with_fault(hostile_web.site, "too_large").path
+    host, port = urlsplit(hostile_web.url).netloc.rsplit(":", 1)
+    received = 0
+    buffer = bytearray(2**20)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {path}?all=1 HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        while n := sock.recv_into(buffer):
+            received += n
+    record = _record_for(hostile_web, f"{path}?all=1")
+    assert record.bytes_sent == TOO_LARGE_MAX_BYTES == 256 * 2**20 and not record.client_gone
+    assert TOO_LARGE_MAX_BYTES < received < TOO_LARGE_MAX_BYTES + 1000  # body + headers
+
+
+def test_bomb_is_a_tiny_valid_png_that_claims_400_megapixels(hostile_web, monkeypatch):
+    path = _first_with_fault(hostile_web.site, "bomb").path
+    status, headers, body = _get(hostile_web, path)
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert len(body) < 200_000 and body == bomb_png() and bomb_png() is bomb_png()  # built once
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(body))  # PIL's default guard
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    image = Image.open(io.BytesIO(body))  # header only, nothing decoded
+    assert image.size == (BOMB_SIDE, BOMB_SIDE) == (20000, 20000) and image.mode == "1"
+
+    # Well-formed: signature, chunk CRCs, and an IDAT that inflates to 20000 zero scanlines.
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, offset = [], 8
+    while offset < len(body):
+        (length,) = struct.unpack(">I", body[offset : offset + 4])
+        kind, data = body[offset + 4 : offset + 8], body[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", body[offset + 8 + length : offset + 12 + length])
+        assert zlib.crc32(kind + data) == crc, kind
+        chunks.append((kind, data))
+        offset += 12 + length
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    assert struct.unpack(">IIBBBBB", chunks[0][1]) == (20000, 20000, 1, 0, 0, 0, 0)
+    inflater, pending, total = zlib.decompressobj(), chunks[1][1], 0
+    while pending or not inflater.eof:
+        out = inflater.decompress(pending, 4 * 2**20)
+        assert out.count(0) == len(out)
+        total += len(out)
+        pending = inflater.unconsumed_tail
+    assert total == 20000 * (1 + 20000 // 8)
+
+
+def test_429_then_image_with_retry_after(hostile_web):
+    path = _first_with_fault(hostile_web.site, "429").path
+    hostile_web.site.reset_throttles()
+    status, headers, body = _get(hostile_web, path)
+    assert status == 429 and headers["Retry-After"] == "3" and 0 < len(body) < 200
+    assert _get(hostile_web, path, method="HEAD")[0] == 429  # HEAD does not use up a refusal
+    assert _get(hostile_web, path)[0] == 429  # throttle_times=2
+    status, headers, body = _get(hostile_web, path)
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and "Retry-After" not in headers
+    assert body == hostile_web.site.image_bytes(path)
+    assert _get(hostile_web, path)[0] == 200
+    # Counted per path: another "429" URL is still throttled.
+    other = [p for p, e in hostile_web.site.images.items() if e.fault == "429" and p != path][0]
+    assert _get(hostile_web, other)[0] == 429
+    hostile_web.site.reset_throttles()
+    assert _get(hostile_web, path)[0] == 429
+
+
+def test_robots_disallows_the_noindex_images(hostile_web):
+    status, _, body = _get(hostile_web, "/robots.txt")
+    assert status == 200 and body == b"User-agent: *\nDisallow: /img-noindex/\nAllow: /\n"
+    parser = urllib.robotparser.RobotFileParser()
+    parser.parse(body.decode().splitlines())
+    for path, entry in hostile_web.site.images.items():
+        assert path.startswith(NOINDEX_PREFIX) == (entry.fault == "robots")
+        assert parser.can_fetch("witclip", urljoin(hostile_web.url, path)) == (entry.fault != "robots")
+    # Linked from the pages like any other image, and still served if asked.
+    path = _first_with_fault(hostile_web.site, "robots").path
+    assert path.rsplit("/", 1)[1] in hostile_web.site.pages[hostile_web.site.images[path].page]
+    status, headers, body = _get(hostile_web, path)
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert body == hostile_web.site.image_bytes(path)
+    assert _record_for(hostile_web, path).status == 200
+
+
+def test_noai_header(hostile_web):
+    path = _first_with_fault(hostile_web.site, "noai").path
+    status, headers, body = _get(hostile_web, path)
+    assert status == 200 and headers["X-Robots-Tag"] == "noai" and headers["Content-Type"] == "image/jpeg"
+    assert body == hostile_web.site.image_bytes(path)
+    clean = next(p for p, e in hostile_web.site.images.items() if e.fault is None)
+    assert "X-Robots-Tag" not in _get(hostile_web, clean)[1]
+
+
+def test_counting_server_counts_every_request_and_connection():
+    with CountingServer() as server:
+        assert server.url.startswith("http://127.0.0.2:")
+        host, port = urlsplit(server.url).netloc.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # connects, asks nothing
+        deadline = time.monotonic() + 5
+        while server.connections < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (server.count, server.connections) == (0, 1)
+        assert fetch(urljoin(server.url, "/anything?q=1"))[0] == 200
+        assert fetch(urljoin(server.url, "/x"), method="POST")[0] == 501  # refused, still counted
+        assert server.count == 2 and server.requests == ["GET /anything?q=1", "POST /x"]
+    with pytest.raises(RuntimeError):
+        _ = server.url
