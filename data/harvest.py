@@ -386,28 +386,16 @@ def _read_list(path: Path, fmt: str, url_col: str, caption_col: str) -> tuple[li
         return urls, caps
 
 
-def harvest_url_list(
+def check_url_lists(
     path: str | Path | Sequence[str | Path],
-    out_dir: Path,
     *,
     url_col: str = "url",
     caption_col: str = "caption",
     file_format: str | None = None,
-    queries: Sequence[str] | None = None,
-    query_cap: int = 20_000,
-) -> dict[str, Any]:
-    """Read (url, caption) rows from one or more URL list files; write out_dir/candidates.parquet.
-
-    `path` is a file, a directory (its files with a known extension, in name order) or a
-    list of either. Formats: parquet, csv, tsv, jsonl, from the extension (a trailing .gz
-    is looked through; gzip itself is detected from the content) unless `file_format`
-    names one for all files. Every file is checked (exists, format known, both columns
-    present) before any is read in full. URLs are normalised like crawled ones; rows whose URL is missing
-    or not http(s) are dropped. source = "<file name>:<row>" (1-based over data rows).
-    With `queries`, rows are balanced by data.queries (at most `query_cap` per query).
-    Returns counts: files, rows, non_http_url, empty_caption, duplicate_candidates,
-    candidates (+ the balancing counts with `queries`).
-    """
+) -> list[tuple[Path, str]]:
+    """The (file, format) pairs `harvest_url_list` would read, after checking that every file
+    exists, has a known format and has both columns (reads headers/schemas only). Raises
+    FileNotFoundError or ValueError with one line naming the file."""
     given = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     paths: list[Path] = []
     for p in given:
@@ -437,6 +425,32 @@ def harvest_url_list(
                 )
         plan.append((p, fmt))
 
+    return plan
+
+
+def harvest_url_list(
+    path: str | Path | Sequence[str | Path],
+    out_dir: Path,
+    *,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    file_format: str | None = None,
+    queries: Sequence[str] | None = None,
+    query_cap: int = 20_000,
+) -> dict[str, Any]:
+    """Read (url, caption) rows from one or more URL list files; write out_dir/candidates.parquet.
+
+    `path` is a file, a directory (its files with a known extension, in name order) or a
+    list of either. Formats: parquet, csv, tsv, jsonl, from the extension (a trailing .gz
+    is looked through; gzip itself is detected from the content) unless `file_format`
+    names one for all files. Every file is checked (exists, format known, both columns
+    present) before any is read in full. URLs are normalised like crawled ones; rows whose URL is missing
+    or not http(s) are dropped. source = "<file name>:<row>" (1-based over data rows).
+    With `queries`, rows are balanced by data.queries (at most `query_cap` per query).
+    Returns counts: files, rows, non_http_url, empty_caption, duplicate_candidates,
+    candidates (+ the balancing counts with `queries`).
+    """
+    plan = check_url_lists(path, url_col=url_col, caption_col=caption_col, file_format=file_format)
     counts: dict[str, Any] = dict(files=len(plan), rows=0, non_http_url=0)
     frames: list[pd.DataFrame] = []
     for p, fmt in plan:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
 from flows.errors import UserError
@@ -40,11 +40,28 @@ class WebConfig(Section):
 
 
 class HarvestConfig(Section):
+    # web: a bounded crawl of HTML pages from seed_url; urls: URL lists; warc: Common Crawl style WARC files
+    source: Literal["web", "urls", "warc"] = "web"
     seed_url: str | None = None  # None: start from the embedded synthetic web's index page
     max_pages: int = Field(1000, ge=1)
     max_depth: int = Field(50, ge=0)
     allowed_hosts: list[str] = Field(default_factory=list)  # empty: the seed URL's host only
     timeout: float = Field(10.0, gt=0)
+    urls: list[str] = Field(default_factory=list)  # source=urls: files or directories
+    url_col: str = "url"
+    caption_col: str = "caption"
+    file_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = None  # None: from the extension
+    warc: list[str] = Field(default_factory=list)  # source=warc: .warc / .warc.gz files
+    queries: str | None = None  # WIT-style balancing: a file with one query per line
+    query_cap: int = Field(20_000, ge=1)  # pairs kept per query (the paper's figure)
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> "HarvestConfig":
+        if self.source == "urls" and not self.urls:
+            raise ValueError("harvest.source is 'urls' but harvest.urls is empty; expected URL list paths")
+        if self.source == "warc" and not self.warc:
+            raise ValueError("harvest.source is 'warc' but harvest.warc is empty; expected WARC file paths")
+        return self
 
     @field_validator("seed_url")
     @classmethod
@@ -163,6 +180,8 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
     got = first.get("input")
+    if isinstance(got, dict):  # a check across a section's keys: its message names them itself
+        return f"config section '{key}' is invalid: {first['msg'].removeprefix('Value error, ')}"
     return f"config value {key}={got!r} is invalid: {first['msg']}"
 
 
@@ -225,9 +244,29 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         "register": ["mlflow"],
     }
     out = {name: dump[name] for name in slices[stage]}
+    if stage == "harvest":
+        h = cfg.harvest
+        if h.source != "web":  # the synthetic web's settings don't change a URL-list or WARC harvest
+            out.pop("web")
+        # input files by content, so an edited URL list or query file is harvested again
+        files = {"urls": h.urls if h.source == "urls" else [], "warc": h.warc if h.source == "warc" else [],
+                 "queries": [h.queries] if h.queries else []}
+        out["input_files"] = {kind: [_content_hash(f) for f in paths] for kind, paths in files.items() if paths}
     if stage == "crawl":
         # where work runs does not change what it produces
         out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in ("scheduler_address", "processes")}
     if stage == "train":
         out["train"] = {k: v for k, v in out["train"].items() if k not in ("num_workers", "log_every")}
     return out
+
+
+def _content_hash(path: str) -> str:
+    """sha256 of a file, or of a directory's files (names and contents, sorted); '' if missing."""
+    from data.manifest import file_sha256, stable_hash
+
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        return stable_hash({str(f.relative_to(p)): file_sha256(f) for f in sorted(p.rglob("*")) if f.is_file()})
+    return ""

@@ -120,18 +120,36 @@ def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
                         f"{cfg.stage_dir(up)}; add '{up}' to --stages or run the whole pipeline"
                     )
     runs_harvest = selected is None or "harvest" in selected
-    if not cfg.web.enabled and cfg.harvest.seed_url is None and runs_harvest:
+    h = cfg.harvest
+    if runs_harvest and h.source != "web":
+        for key, paths in (("harvest.urls", h.urls if h.source == "urls" else []),
+                           ("harvest.warc", h.warc if h.source == "warc" else [])):
+            for path in paths:
+                if not Path(path).exists():
+                    raise UserError(f"{key}: {path} does not exist; expected a file or directory to harvest from")
+    if runs_harvest and h.source == "urls":
+        from data.harvest import check_url_lists
+
+        try:  # headers only: a wrong column name fails here, not after minutes of reading
+            check_url_lists(h.urls, url_col=h.url_col, caption_col=h.caption_col, file_format=h.file_format)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"harvest.urls: {err}") from None
+    if runs_harvest and h.queries is not None and not Path(h.queries).is_file():
+        raise UserError(f"harvest.queries: {h.queries} does not exist; expected a file with one query per line")
+    if runs_harvest and h.source == "web" and not cfg.web.enabled and h.seed_url is None:
         raise UserError(
             "harvest.seed_url is not set; expected an http(s) URL to crawl from "
             "(or web.enabled: true for the embedded synthetic web)"
         )
-    if cfg.harvest.seed_url is not None and runs_harvest and not is_complete(cfg, "harvest"):
+    if h.source == "web" and h.seed_url is not None and runs_harvest and not is_complete(cfg, "harvest"):
         check_seed_url(cfg.harvest.seed_url, cfg.harvest.timeout)
     registry.check_tracking_uri(cfg.mlflow.tracking_uri)
 
 
 def _run_stage(cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str) -> dict:
     if stage == "harvest":
+        if cfg.harvest.source != "web":
+            return stages.harvest_flow(cfg, None)
         seed = cfg.harvest.seed_url or web.seed_url()
         counts = stages.harvest_flow(cfg, seed)
         counts["seed_url"] = seed
@@ -211,7 +229,8 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
         for stage in STAGES:
             if selected is not None and stage not in selected:
                 continue
-            if stage == "crawl" and cfg.web.enabled and cfg.harvest.seed_url is None and not is_complete(cfg, "crawl"):
+            embedded = cfg.web.enabled and cfg.harvest.source == "web" and cfg.harvest.seed_url is None
+            if stage == "crawl" and embedded and not is_complete(cfg, "crawl"):
                 # the harvested URLs name the port the web had then; serve it there again if we can
                 harvested = (read_manifest(cfg.stage_dir("harvest")) or {}).get("counts", {}).get("seed_url")
                 if web.seed_url(preferred=harvested) != harvested:

@@ -21,17 +21,27 @@ from flows.errors import UserError
 
 
 @flow(name="harvest", log_prints=True)
-def harvest_flow(cfg: PipelineConfig, seed_url: str) -> dict[str, Any]:
-    from data.harvest import harvest_site
+def harvest_flow(cfg: PipelineConfig, seed_url: str | None) -> dict[str, Any]:
+    from data.harvest import harvest_site, harvest_url_list, harvest_warc
+    from data.queries import load_queries
 
     h = cfg.harvest
+    out = cfg.stage_dir("harvest")
+    balance = {"queries": load_queries(h.queries) if h.queries else None, "query_cap": h.query_cap}
+    if h.source == "urls":
+        return harvest_url_list(h.urls, out, url_col=h.url_col, caption_col=h.caption_col,
+                                file_format=h.file_format, **balance)
+    if h.source == "warc":
+        return harvest_warc(h.warc, out, **balance)
     return harvest_site(
         seed_url,
-        cfg.stage_dir("harvest"),
+        out,
         max_pages=h.max_pages,
         max_depth=h.max_depth,
         allowed_hosts=h.allowed_hosts or None,
         timeout=h.timeout,
+        user_agent=cfg.crawl.user_agent,
+        **balance,
     )
 
 

@@ -71,3 +71,54 @@ def test_unknown_stage_and_missing_upstream(tmp_path, capsys):
 def test_classify_missing_image(tmp_path, capsys):
     assert main(["classify", "--labels", "a,b", str(tmp_path / "nope.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _main_err(capsys, tmp_path: Path, *sets: str) -> tuple[int, str]:
+    args = ["run", "--set", f"work_dir={tmp_path / 'runs'}",
+            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    for s in sets:
+        args += ["--set", s]
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_url_list_mistakes_are_caught_before_any_stage(tmp_path, capsys):
+    lst = tmp_path / "list.csv"
+    lst.write_text("link,text\nhttp://example.com/a.jpg,a cat\n")
+    cases = [
+        (["harvest.source=urls"], "error: config section 'harvest' is invalid: harvest.source is 'urls' but harvest.urls is empty"),
+        (["harvest.source=urls", f"harvest.urls=[{tmp_path / 'nope.csv'}]"], f"error: harvest.urls: {tmp_path / 'nope.csv'} does not exist"),
+        (["harvest.source=urls", f"harvest.urls=[{lst}]"], f"error: harvest.urls: {lst}: no column 'url' (columns present: 'link', 'text')"),
+        (["harvest.source=warc", f"harvest.warc=[{tmp_path / 'x.warc.gz'}]"], "error: harvest.warc:"),
+        ([f"harvest.queries={tmp_path / 'q.txt'}"], f"error: harvest.queries: {tmp_path / 'q.txt'} does not exist"),
+    ]
+    for sets, expected in cases:
+        code, err = _main_err(capsys, tmp_path, *sets)
+        assert code == 2 and "\n" not in err and err.startswith(expected), (sets, err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_harvest_stage_from_a_url_list_with_query_balancing(tmp_path, capsys):
+    import pandas as pd
+
+    from data.manifest import read_manifest
+
+    lst = tmp_path / "pairs.tsv"
+    rows = ["url\tcaption"] + [f"http://example.com/{i}.jpg\ta red cat number {i}" for i in range(5)] + [
+        "http://example.com/dog.jpg\ta dog", "http://example.com/none.jpg\tno match here"]
+    lst.write_text("\n".join(rows) + "\n")
+    (tmp_path / "q.txt").write_text("cat\ndog\n")
+    code = main(["run", "--stages", "harvest", "--set", f"work_dir={tmp_path / 'runs'}",
+                 "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "run_name=lists",
+                 "--set", "harvest.source=urls", "--set", f"harvest.urls=[{lst}]",
+                 "--set", f"harvest.queries={tmp_path / 'q.txt'}", "--set", "harvest.query_cap=3"])
+    assert code == 0, capsys.readouterr().err
+    stage = tmp_path / "runs" / "lists" / "harvest"
+    df = pd.read_parquet(stage / "candidates.parquet")
+    assert sorted(df["matched_query"]) == ["cat", "cat", "cat", "dog"]
+    assert set(df["source"]) == {f"pairs.tsv:{i}" for i in (1, 2, 3, 6)}
+    manifest = read_manifest(stage)
+    assert manifest["status"] == "complete" and manifest["counts"]["over_cap"] == 2
+    assert "web" not in manifest["config"] and manifest["config"]["input_files"]["urls"]
