@@ -16,9 +16,8 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # albumentations (imported by img2dataset's resizer) phones home for updates on import;
 # set before any img2dataset import, here and (inherited via env) in Dask worker processes.
@@ -27,6 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from data.cluster import dask_client  # noqa: E402
 from data.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -86,31 +86,6 @@ def _download_shard_task(downloader: Any, shard: tuple[int, str], policy: FetchP
     i2d.download_image = make_download_image(_fetcher_for(policy))
     ok, _ = downloader(shard)  # img2dataset's Downloader.__call__: catches, prints, returns (ok, row)
     return bool(ok), shard_id
-
-
-@contextmanager
-def _dask_client(scheduler_address: str | None, processes: int) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
-
-    if scheduler_address:
-        with Client(scheduler_address, set_as_default=False) as client:
-            yield client
-        return
-    # threads_per_worker=1: img2dataset's Resizer dup2()s the process's stdout/stderr while
-    # decoding, and each shard already runs `threads` download threads of its own.
-    import dask
-
-    # Dask's statistical profiler samples every thread's stack every 10 ms; with 16 download threads
-    # per worker that costs a measurable share of the GIL (shards ran ~1.4x slower with it on).
-    with dask.config.set({"distributed.worker.profile.enabled": False}), LocalCluster(
-        n_workers=processes,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # random port: concurrent crawls must not fight over :8787
-        host="127.0.0.1",
-        silence_logs=logging.CRITICAL,  # shutdown heartbeat chatter; task errors still reach us
-    ) as cluster, Client(cluster, set_as_default=False) as client:
-        yield client
 
 
 def _done_shards(out_dir: Path) -> set[int]:
@@ -362,7 +337,7 @@ def _distribute(
     run_id = uuid.uuid4().hex[:8]  # unique task keys when several crawls share one scheduler
     pending = list(shards)
     total = sum(sizes.get(s, 0) for s, _ in shards)
-    with _dask_client(scheduler_address, processes) as client, tqdm(
+    with dask_client(scheduler_address, processes) as client, tqdm(
         total=total, desc="crawl", unit="img", unit_scale=True
     ) as bar:
         n_workers = len(client.scheduler_info().get("workers", {})) or processes

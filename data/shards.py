@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 SIZES_FILE = "sizes.json"
+SHARDS_MANIFEST_FILE = "shards.json"  # {shard: {"samples": n, "sha256": hex}}
 IMAGE_EXTS = ("jpg", "png", "webp")  # img2dataset encode formats
 _OPEN_TARS = 64  # LRU of open input tars while copying in shuffled order
 _TAR_MTIME = 0  # fixed member mtime => identical inputs give byte-identical shards (stable hashes)
@@ -91,7 +92,8 @@ def write_shards(
     samples_per_shard: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write train-NNNNNN.tar / val-NNNNNN.tar (jpg, txt, json per sample) and sizes.json.
+    """Write train-NNNNNN.tar / val-NNNNNN.tar (jpg, txt, json per sample), shards.json (samples and
+    sha256 per shard) and sizes.json (open_clip's). Same inputs + seed give byte-identical shards.
 
     Kept samples are shuffled with `seed`; val gets round(n * val_fraction) samples,
     at least 1 when n >= 2 (and train keeps at least 1). Returns counts: train, val,
@@ -113,7 +115,8 @@ def write_shards(
     splits = {"val": keys[:n_val], "train": keys[n_val:]}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("train-*.tar"), *out_dir.glob("val-*.tar"), out_dir / SIZES_FILE]:
+    for stale in [*out_dir.glob("train-*.tar"), *out_dir.glob("val-*.tar"), out_dir / SIZES_FILE,
+                  out_dir / SHARDS_MANIFEST_FILE]:
         stale.unlink(missing_ok=True)  # a previous run with more shards must not leak into this one
 
     import webdataset as wds
@@ -141,6 +144,10 @@ def write_shards(
     finally:
         reader.close()
 
+    from data.manifest import file_sha256
+
+    shards = {name: {"samples": n, "sha256": file_sha256(out_dir / name)} for name, n in sorted(sizes.items())}
+    (out_dir / SHARDS_MANIFEST_FILE).write_text(json.dumps(shards, indent=2) + "\n")
     # sizes.json last: its presence means the shard set is complete (open_clip's format).
     (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     n_shards = {s: sum(1 for k in sizes if k.startswith(f"{s}-")) for s in ("train", "val")}

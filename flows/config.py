@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
+from data.phash import DEFAULT_MAX_DISTANCE
 from flows.errors import UserError
 
 STAGES: tuple[str, ...] = ("harvest", "crawl", "dedup", "shard", "train", "eval", "register")
@@ -109,7 +110,11 @@ class CrawlConfig(Section):
 
 
 class DedupConfig(Section):
-    """Exact duplicates (image sha256, url+caption) are always dropped; more rules arrive here."""
+    """Exact duplicates (normalised URL, image sha256) are always dropped."""
+
+    near_duplicates: bool = True  # perceptual-hash clusters keep one image each
+    max_distance: int = Field(DEFAULT_MAX_DISTANCE, ge=0, le=32)  # Hamming bits of the 64-bit hash
+    decontaminate: bool = True  # drop training images within max_distance of an eval benchmark image
 
 
 class ShardConfig(Section):
@@ -255,6 +260,10 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     if stage == "crawl":
         # where work runs does not change what it produces
         out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in ("scheduler_address", "processes")}
+    if stage == "dedup" and cfg.dedup.decontaminate:
+        # the benchmarks decontaminated against are part of what decides the output
+        out["eval"] = {k: dump["eval"][k] for k in ("benchmarks", "samples_per_class", "seed")}
+        out["image_size"] = cfg.web.image_size
     if stage == "train":
         out["train"] = {k: v for k, v in out["train"].items() if k not in ("num_workers", "log_every")}
     return out

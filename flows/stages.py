@@ -94,7 +94,28 @@ def fetch_policy(cfg: PipelineConfig) -> FetchPolicy:
 def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
     from data.dedup import dedup
 
-    return dedup(cfg.stage_dir("crawl"), cfg.stage_dir("dedup"))
+    d = cfg.dedup
+    return dedup(
+        cfg.stage_dir("crawl"),
+        cfg.stage_dir("dedup"),
+        near_duplicates=d.near_duplicates,
+        max_distance=d.max_distance,
+        benchmark_roots=synthetic_benchmarks(cfg) if d.decontaminate else None,
+        scheduler_address=cfg.crawl.scheduler_address,
+        processes=cfg.crawl.processes,
+    )
+
+
+def synthetic_benchmarks(cfg: PipelineConfig) -> dict[str, Path]:
+    """The eval benchmarks (generated from eval.seed, idempotent), {name: root}."""
+    from data.benchmarks.synthetic import build_synthetic_benchmark
+
+    e = cfg.eval
+    return {
+        name: build_synthetic_benchmark(name, cfg.work_dir / "benchmarks", seed=e.seed,
+                                        samples_per_class=e.samples_per_class, image_size=cfg.web.image_size)
+        for name in e.benchmarks
+    }
 
 
 @flow(name="shard", log_prints=True)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from clip import create_model
 from clip.tokenizer import CaptionTokenizer
 from clip.train import TrainConfig, train
 from clip.transform import train_transform
-from data.shards import count_samples, make_batches
+from data.loader import build_train_loader
 
 
 class MlflowMetricSink:
@@ -62,19 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     transform = train_transform(image_size)
     shard_dir = Path(spec["shard_dir"])
 
-    n_train = count_samples(shard_dir, "train")
-    per_step = t["batch_size"] * world_size * t["grad_accum"]
-    steps_per_epoch = max(1, n_train // per_step)
-
     def batches(epoch: int):
-        return make_batches(
-            shard_dir, "train",
-            batch_size=t["batch_size"],
+        # webdataset pipeline (data/loader.py): shard shuffle by (seed, epoch), split by node and
+        # worker, sample shuffle buffer; also reads img2dataset's raw NNNNN.tar output directly
+        return build_train_loader(
+            shard_dir,
             image_transform=transform,
-            tokenize=lambda texts: tokenizer(texts, context_length=t["context_length"]),
-            rank=rank, world_size=world_size, epoch=epoch, seed=t["seed"],
-            num_workers=t["num_workers"],
+            tokenize=partial(tokenizer.__call__, context_length=t["context_length"]),  # picklable, unlike a lambda
+            batch_size=t["batch_size"], seed=t["seed"], epoch=epoch,
+            rank=rank, world_size=world_size, num_workers=t["num_workers"],
         )  # fmt: skip
+
+    first = batches(0)
+    n_train = first.num_samples
+    steps_per_epoch = max(1, first.batches_per_epoch // t["grad_accum"])
 
     engine_cfg = TrainConfig(
         epochs=t["epochs"],

@@ -204,7 +204,8 @@ def crawled(harvested, tmp_path_factory):
 @pytest.fixture(scope="module")
 def deduped(crawled, tmp_path_factory):
     out = tmp_path_factory.mktemp("dedup")
-    return out, dedup(crawled[0], out)
+    # exact rules only here: tests/test_dedup.py covers near duplicates and decontamination
+    return out, dedup(crawled[0], out, near_duplicates=False)
 
 
 @pytest.fixture(scope="module")
@@ -410,40 +411,46 @@ def test_crawl_survives_a_killed_worker(site, tmp_path):
 def test_dedup_drops_planted_duplicate(site, crawled, deduped):
     _, base = site
     out, counts = deduped
-    assert counts == {"input": 42, "kept": 40, "dropped_duplicate_sha256": 2, "dropped_duplicate_url_caption": 0}
+    assert counts == {"input": 42, "kept": 40, "dropped_duplicate_url": 1, "dropped_duplicate_sha256": 1,
+                      "dropped_undecodable": 0, "dropped_near_duplicate": 0, "dropped_benchmark_overlap": 0}
     keep = pd.read_parquet(out / "keep.parquet")
     assert list(keep.columns) == ["key", "tar", "url", "caption", "sha256"]
     assert keep["sha256"].is_unique and len(keep) == 40
     assert f"{base}/mirror/dup.jpg" not in set(keep["url"]) and f"{base}/img/07.jpg" in set(keep["url"])
     report = json.loads((out / "report.json").read_text())
     assert report["input"] == 42 and report["kept"] == 40
-    assert report["dropped"] == {"duplicate_sha256": 2, "duplicate_url_caption": 0}
+    assert report["dropped"]["duplicate_url"] == 1 and report["dropped"]["duplicate_sha256"] == 1
     meta = pd.concat(pd.read_parquet(p) for p in shard_parquets(crawled[0])).set_index("key")
-    dropped = meta.loc[report["dropped_keys"]["duplicate_sha256"]]
-    # later copies of the same bytes go: the mirror, and img-02's second <img> with another alt
-    assert sorted(zip(dropped.url, dropped.caption)) == [
-        (f"{base}/img/02.jpg", "spaced out"), (f"{base}/mirror/dup.jpg", "the same bytes as img-07")]
+    dropped = pd.read_parquet(out / "dropped.parquet").set_index("key")
+    # later copies go: img-02's second <img> (same URL, another alt), and the mirror (same bytes as img-07)
+    got = sorted((meta.loc[k, "url"], meta.loc[k, "caption"], r, meta.loc[d, "url"])
+                 for k, r, d in zip(dropped.index, dropped.reason, dropped.duplicate_of))
+    assert got == [(f"{base}/img/02.jpg", "spaced out", "duplicate_url", f"{base}/img/02.jpg"),
+                   (f"{base}/mirror/dup.jpg", "the same bytes as img-07", "duplicate_sha256", f"{base}/img/07.jpg")]
     assert keep.loc[keep.url == f"{base}/img/02.jpg", "caption"].tolist() == [_caption(2)]
 
 
-def test_dedup_url_caption_and_order(tmp_path):
+def test_dedup_exact_rules_and_order(tmp_path):
     crawl_dir = tmp_path / "crawl"
     crawl_dir.mkdir()
     rows = [  # key, url, caption, sha256, status
-        ("000010001", "u1", "a", "h1", "success"),
-        ("000010000", "u1", "a", "h2", "success"),  # same (url, caption), other bytes, earlier key
-        ("000010002", "u2", "b", "h1", "success"),  # same bytes as 000010001
-        ("000010003", "u3", "c", None, "failed_to_download"),
+        ("000010001", "http://example.com/a?y=2&x=1", "a", "h1", "success"),
+        ("000010000", "HTTP://Example.COM:80/a?x=1&y=2#top", "other alt", "h2", "success"),  # same URL, earlier
+        ("000010002", "http://example.com/b", "b", "h2", "success"),  # same bytes as 000010000
+        ("000010003", "http://example.com/c", "c", None, "failed_to_download"),
+        ("000010004", "https://example.com:443/a?x=1&y=2", "d", "h4", "success"),  # https: another URL
     ]
     df = pd.DataFrame(rows, columns=["key", "url", "caption", "sha256", "status"])
     df.to_parquet(crawl_dir / "00001.parquet")
     (crawl_dir / "notes.parquet").write_bytes(b"ignored: not a shard name")
-    counts = dedup(crawl_dir, tmp_path / "out")
-    # order by key: 000010000(u1,a,h2) 000010001(u1,a,h1) 000010002(u2,b,h1)
-    # sha256 first: drop 000010002 (h1 seen at 000010001); then (u1,a): drop 000010001
-    assert counts == {"input": 3, "kept": 1, "dropped_duplicate_sha256": 1, "dropped_duplicate_url_caption": 1}
+    counts = dedup(crawl_dir, tmp_path / "out", near_duplicates=False)
+    assert counts["input"] == 4 and counts["kept"] == 2
+    assert counts["dropped_duplicate_url"] == 1 and counts["dropped_duplicate_sha256"] == 1
     keep = pd.read_parquet(tmp_path / "out" / "keep.parquet")
-    assert keep["key"].tolist() == ["000010000"] and keep["tar"].tolist() == ["00001.tar"]
+    assert keep["key"].tolist() == ["000010000", "000010004"] and keep["tar"].tolist() == ["00001.tar"] * 2
+    dropped = pd.read_parquet(tmp_path / "out" / "dropped.parquet")
+    assert dropped[["key", "reason", "duplicate_of"]].values.tolist() == [
+        ["000010001", "duplicate_url", "000010000"], ["000010002", "duplicate_sha256", "000010000"]]
     with pytest.raises(FileNotFoundError):
         dedup(tmp_path / "missing", tmp_path / "out2")
 
