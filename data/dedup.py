@@ -157,6 +157,9 @@ def benchmark_tars(root: Path, split: str = "test") -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- dedup
+DASK_SEARCH_MIN = 1_000_000  # hashes; below this the in-process search takes well under a second
+
+
 def dedup(
     crawl_dir: Path,
     out_dir: Path,
@@ -169,17 +172,37 @@ def dedup(
 ) -> dict[str, Any]:
     """Write keep.parquet, dropped.parquet, phash.parquet, overlap.parquet and report.json to out_dir.
 
-    Returns counts: input, kept, dropped_<reason> (duplicate_url, duplicate_sha256,
+    Returns counts: input, kept, dropped_<reason> (duplicate_url, duplicate_sha256, undecodable,
     near_duplicate, benchmark_overlap), and per benchmark overlap_<name> (test images with a
     near copy in the crawl) and overlap_<name>_fraction.
     """
     from data.cluster import dask_client
-    from data.phash import cluster_representatives, near_duplicate_pairs, popcount64
 
     if not 0 <= max_distance <= 32:
         raise ValueError(f"max_distance must be between 0 and 32 bits, got {max_distance}")
     benchmark_roots = dict(benchmark_roots or {})
     bench_tars = {name: benchmark_tars(root) for name, root in benchmark_roots.items()}  # fail early
+    if not crawl_dir or not Path(crawl_dir).is_dir():
+        raise FileNotFoundError(f"crawl directory not found: {crawl_dir}")
+    if not (near_duplicates or benchmark_roots):
+        return _dedup(Path(crawl_dir), Path(out_dir), near_duplicates, max_distance, bench_tars, None)
+    with dask_client(scheduler_address, processes) as client:  # hashing, and the search at scale
+        return _dedup(Path(crawl_dir), Path(out_dir), near_duplicates, max_distance, bench_tars, client)
+
+
+def _search(hashes: np.ndarray, max_distance: int, client: Any | None, queries: np.ndarray | None = None) -> np.ndarray:
+    """Pairs within max_distance: in-process below DASK_SEARCH_MIN hashes, on Dask above."""
+    from data.phash import near_duplicate_pairs, near_duplicate_pairs_dask
+
+    if client is not None and len(hashes) + (0 if queries is None else len(queries)) >= DASK_SEARCH_MIN:
+        return near_duplicate_pairs_dask(hashes, max_distance, client, queries=queries)
+    return near_duplicate_pairs(hashes, max_distance, queries=queries)
+
+
+def _dedup(crawl_dir: Path, out_dir: Path, near_duplicates: bool, max_distance: int,
+           bench_tars: dict[str, list[Path]], client: Any | None) -> dict[str, Any]:
+    from data.phash import cluster_representatives, popcount64
+
     df = load_successes(crawl_dir)
     n_input = len(df)
     dropped: list[pd.DataFrame] = []
@@ -205,12 +228,11 @@ def dedup(
                            "colour": pd.Series(dtype=object)})
     bench_hashes: dict[str, pd.DataFrame] = {}
     tars = sorted({Path(crawl_dir) / t for t in df["tar"]})
-    if (near_duplicates or benchmark_roots) and (tars or bench_tars):
-        with dask_client(scheduler_address, processes) as client:
-            hashes = hash_tars(tars, client)
-            for name, paths in bench_tars.items():
-                bench_hashes[name] = hash_tars(paths, client)
-    hashed = near_duplicates or bool(benchmark_roots)
+    if client is not None:
+        hashes = hash_tars(tars, client)
+        for name, paths in bench_tars.items():
+            bench_hashes[name] = hash_tars(paths, client)
+    hashed = client is not None  # hashes exist only when near duplicates or benchmarks asked for them
     if hashed:
         df = (df.merge(hashes, on="key", how="left") if len(hashes) else
               df.assign(phash=pd.array([None] * len(df), dtype="UInt64"), colour=None))
@@ -228,7 +250,7 @@ def dedup(
     for name, bh in bench_hashes.items():
         bh = bh.dropna(subset=["phash"]).reset_index(drop=True)
         test_values = bh["phash"].to_numpy(dtype=np.uint64)
-        pairs = near_duplicate_pairs(train_values, max_distance, queries=test_values) if len(df) else np.zeros((0, 2), np.int64)
+        pairs = _search(train_values, max_distance, client, queries=test_values) if len(df) else np.zeros((0, 2), np.int64)
         pairs = _confirmed(pairs, test_values, list(bh["colour"]), train_values, list(df["colour"]))
         dist = popcount64(test_values[pairs[:, 0]] ^ train_values[pairs[:, 1]]).astype(int) if len(pairs) else np.zeros(0, int)
         overlap_rows.append(pd.DataFrame({
@@ -249,7 +271,7 @@ def dedup(
     # 3. near duplicates: one representative (the earliest key) per cluster
     if near_duplicates and len(df) > 1:
         values = df["phash"].to_numpy(dtype=np.uint64)
-        pairs = near_duplicate_pairs(values, max_distance)
+        pairs = _search(values, max_distance, client)
         colours = list(df["colour"])
         pairs = _confirmed(pairs, values, colours, values, colours)
         rep = cluster_representatives(len(df), pairs)  # df is sorted by key: smallest index = earliest
@@ -258,7 +280,6 @@ def dedup(
         drop(mask, "near_duplicate", df["key"].to_numpy()[rep[mask]].tolist(), dist)
 
     # write
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = df[[*KEEP_COLUMNS, "phash"]] if "phash" in df else df[KEEP_COLUMNS]  # colour stays in phash.parquet
     dropped_df = (pd.concat(dropped, ignore_index=True) if dropped else
@@ -277,7 +298,7 @@ def dedup(
     report = {
         "input": n_input,
         "kept": len(keep),
-        "max_distance": max_distance if (near_duplicates or benchmark_roots) else None,
+        "max_distance": max_distance if hashed else None,
         "dropped": by_reason,
         "overlap": {
             name: {"test_images": int(len(bench_hashes[name])), "overlapping": overlap_counts[f"overlap_{name}"],

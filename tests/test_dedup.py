@@ -179,3 +179,18 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
     assert summary["train_samples"] == 64 and summary["world_size"] == 2
     assert summary["steps_per_epoch"] == 4 and summary["steps"] == 4  # 64 // (2 ranks x 8)
+
+
+def test_search_on_dask_gives_the_same_result(tmp_path, scheduler, monkeypatch):
+    import data.dedup
+
+    base = [_photo(4000 + i) for i in range(40)]
+    samples = [(f"http://example.com/{i}.jpg", f"p {i}", _jpeg(img)) for i, img in enumerate(base)]
+    samples += [(f"http://copy.example.com/{i}.jpg", f"c {i}", _jpeg(base[i], 50)) for i in range(0, 40, 4)]
+    _write_crawl(tmp_path / "crawl", samples)
+    local = dedup(tmp_path / "crawl", tmp_path / "local", scheduler_address=scheduler)
+    monkeypatch.setattr(data.dedup, "DASK_SEARCH_MIN", 0)  # force the distributed search at this size
+    distributed = dedup(tmp_path / "crawl", tmp_path / "dask", scheduler_address=scheduler)
+    assert local == distributed and local["dropped_near_duplicate"] == 10
+    assert (pd.read_parquet(tmp_path / "local" / "dropped.parquet")
+            .equals(pd.read_parquet(tmp_path / "dask" / "dropped.parquet")))
