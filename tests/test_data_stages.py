@@ -1,5 +1,5 @@
 """Data stages end to end against a loopback HTTP site: harvest -> crawl (img2dataset on a
-real Dask LocalCluster) -> dedup -> shards -> streaming reader; plus manifest helpers."""
+real Dask LocalCluster) -> dedup -> shards; plus manifest helpers. The training loader: test_loader.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from data.crawl import STATUS_FILE, crawl, shard_parquets
@@ -25,7 +24,7 @@ from data.dedup import dedup
 from data.fetch import FetchPolicy
 from data.harvest import harvest_site
 from data.manifest import file_sha256, hash_outputs, read_manifest, stable_hash, write_manifest
-from data.shards import count_samples, iter_samples, make_batches, shard_paths, write_shards
+from data.shards import count_samples, shard_paths, write_shards
 
 N_IMAGES = 40
 # Tests that need a real crawl: the first one pays a LocalCluster start + img2dataset import
@@ -492,64 +491,6 @@ def test_shards_consistent_with_keep(deduped, sharded, crawled, tmp_path):
     assert hash_outputs(again) == hash_outputs(out)
     with pytest.raises(FileNotFoundError):
         write_shards(crawled[0], tmp_path / "nope.parquet", tmp_path / "x")
-
-
-@SLOW_DASK
-def test_iter_samples_partitions_disjointly(sharded):
-    out, _ = sharded
-    train = shard_paths(out, "train")
-    every = [c for _, c in iter_samples(train)]
-    assert len(every) == 36 == len(set(every))
-    r0 = [c for _, c in iter_samples(train, rank=0, world_size=2)]
-    r1 = [c for _, c in iter_samples(train, rank=1, world_size=2)]
-    assert len(r0) == len(r1) == 18 and not set(r0) & set(r1) and set(r0) | set(r1) == set(every)
-    # one shard, two ranks: still disjoint and complete
-    val = shard_paths(out, "val")
-    v = [[c for _, c in iter_samples(val, rank=r, world_size=2)] for r in (0, 1)]
-    assert len(v[0]) == len(v[1]) == 2 and not set(v[0]) & set(v[1])
-    # shuffled: same ownership per rank, different order, reproducible
-    s0 = [c for _, c in iter_samples(train, rank=0, world_size=2, shuffle_seed=3)]
-    s1 = [c for _, c in iter_samples(train, rank=1, world_size=2, shuffle_seed=3)]
-    assert not set(s0) & set(s1) and set(s0) | set(s1) == set(every)
-    assert s0 == [c for _, c in iter_samples(train, rank=0, world_size=2, shuffle_seed=3)]
-    img, _ = next(iter_samples(train))
-    assert img.mode == "RGB" and img.size == (64, 64)
-
-
-CTX = 32
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.frombuffer(bytearray(img.resize((32, 32)).tobytes()), dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1).float() / 255
-
-
-def _tokenize(texts: list[str]) -> torch.Tensor:
-    return torch.tensor([[ord(c) for c in t[:CTX]] + [0] * (CTX - len(t[:CTX])) for t in texts], dtype=torch.long)
-
-
-def _captions(tokens: torch.Tensor) -> list[str]:
-    return ["".join(chr(c) for c in row if c) for row in tokens.tolist()]
-
-
-@SLOW_DASK
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_make_batches(sharded, num_workers):
-    out, _ = sharded
-    kw = dict(batch_size=8, image_transform=_to_tensor, tokenize=_tokenize, epoch=0, seed=0, num_workers=num_workers)
-    batches = list(make_batches(out, "train", rank=0, world_size=1, **kw))
-    assert len(batches) == 4  # 36 // 8; with 2 workers: 2 x (18 // 8)
-    for images, tokens in batches:
-        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
-        assert tokens.shape == (8, CTX) and tokens.dtype == torch.long
-    caps = [c for _, t in batches for c in _captions(t)]
-    assert len(caps) == len(set(caps)) == 32
-    per_rank = [[c for _, t in make_batches(out, "train", rank=r, world_size=2, **kw) for c in _captions(t)] for r in (0, 1)]
-    assert [len(p) for p in per_rank] == [16, 16]  # 18 each: 2 batches (nw=2: 9 per worker, 1 batch each)
-    assert not set(per_rank[0]) & set(per_rank[1])
-    other_epoch = [c for _, t in make_batches(out, "train", **{**kw, "epoch": 1}) for c in _captions(t)]
-    assert other_epoch != caps  # reshuffled per epoch
-    val = list(make_batches(out, "val", **{**kw, "batch_size": 3}))
-    assert sum(len(t) for _, t in val) == 4  # val keeps the short batch
 
 
 # ------------------------------------------------------------------------------- manifest
