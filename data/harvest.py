@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 from protego import Protego
 from tqdm.auto import tqdm
 
-DEFAULT_USER_AGENT = "witclip/0.1 (+https://github.com/witclip/witclip)"
+from data.fetch import DEFAULT_USER_AGENT  # one user agent for harvest and crawl
+
 CANDIDATES_FILE = "candidates.parquet"
 CANDIDATE_COLUMNS = ("url", "caption", "source", "matched_query")
 # Explicit types: an all-null matched_query must still be a string column, not "null".

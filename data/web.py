@@ -969,7 +969,59 @@ class _SiteServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class SyntheticWeb:
+class _ThreadedServer:
+    """Start/stop/url/context-manager for an HTTP server served from a background daemon thread.
+    Subclasses set `_address` and implement `_make_server()`."""
+
+    _thread_name = "http-server"
+    _address: tuple[str, int]
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def _make_server(self) -> Any:
+        raise NotImplementedError
+
+    def _before_shutdown(self) -> None:
+        """Hook: unblock handlers that would otherwise hold shutdown."""
+
+    def start(self) -> str:
+        """Start serving (port 0 = chosen by the OS) and return the base URL."""
+        if self._server is None:
+            self._server = self._make_server()
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=self._thread_name, daemon=True
+            )
+            self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._before_shutdown()
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server, self._thread = None, None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not running; call start() first")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class SyntheticWeb(_ThreadedServer):
     """Serve a built site on 127.0.0.1 from a background daemon thread.
 
     `private_target` is the base URL (e.g. a `CountingServer`'s) that "redirect_private"
@@ -992,28 +1044,15 @@ class SyntheticWeb:
         self.private_target = private_target or DEFAULT_PRIVATE_TARGET
         self._address = (host, port)
         self._log = _RequestLog()  # outlives stop(), so a test can read it afterwards
-        self._server: _SiteServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def start(self) -> str:
-        """Start serving (port 0 = chosen by the OS) and return the seed URL."""
-        if self._server is None:
-            self._server = _SiteServer(self._address, self.site, self._log, self.private_target)
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="synthetic-web", daemon=True
-            )
-            self._thread.start()
-        return self.url
+    _thread_name = "synthetic-web"
 
-    def stop(self) -> None:
-        if self._server is None:
-            return
+    def _make_server(self) -> "_SiteServer":
+        return _SiteServer(self._address, self.site, self._log, self.private_target)
+
+    def _before_shutdown(self) -> None:
         self._server.stopping.set()  # ends drips and endless bodies still being written
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server, self._thread = None, None
 
     def requests(self) -> list[RequestRecord]:
         """Every request handled so far, in the order they finished (a copy).
@@ -1033,19 +1072,6 @@ class SyntheticWeb:
     def reset_requests(self) -> None:
         self._log.clear()
 
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("SyntheticWeb is not running; call start() first")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/"
-
-    def __enter__(self) -> "SyntheticWeb":
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
 
 
 class _CountingHandler(BaseHTTPRequestHandler):
@@ -1093,7 +1119,7 @@ class _CountingHTTPServer(ThreadingHTTPServer):
         return True
 
 
-class CountingServer:
+class CountingServer(_ThreadedServer):
     """A host a crawler must never reach (say, a private address): answers and counts.
 
     Any GET or HEAD gets 200 with a tiny JPEG, so a crawler that does get through
@@ -1110,8 +1136,7 @@ class CountingServer:
         self._paths: list[str] = []
         self._connections = 0
         self._lock = threading.Lock()
-        self._server: _CountingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def _record(self, method: str, path: str) -> None:
         with self._lock:
@@ -1137,37 +1162,10 @@ class CountingServer:
         with self._lock:
             return list(self._paths)
 
-    def start(self) -> str:
-        if self._server is None:
-            self._server = _CountingHTTPServer(self._address, self)
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="counting-server", daemon=True
-            )
-            self._thread.start()
-        return self.url
+    _thread_name = "counting-server"
 
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server, self._thread = None, None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("CountingServer is not running; call start() first")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/"
-
-    def __enter__(self) -> "CountingServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
+    def _make_server(self) -> "_CountingHTTPServer":
+        return _CountingHTTPServer(self._address, self)
 
 
 def main(argv: list[str] | None = None) -> int:
