@@ -14,9 +14,10 @@ from .checkpoint import (
     config_from_state_dict,
     load_model,
     load_openai_state_dict,
-    load_training_state,
+    list_checkpoints,
+    load_newest_checkpoint,
     save_model,
-    save_training_state,
+    save_checkpoint,
 )
 from .loss import ClipLoss
 from .model import (
@@ -34,7 +35,7 @@ from .tokenizer import (
     load_openai_tokenizer,
     train_caption_tokenizer,
 )
-from .train import TrainConfig, train
+from .train import TrainConfig, TrainingDiverged, TrainStep, accumulate_gradients, train
 from .transform import eval_transform, train_transform
 from .zeroshot import build_classifier, evaluate_zeroshot, predict_topk, zeroshot_logits
 
@@ -43,10 +44,10 @@ __all__ = [
     "TextTransformer",
     "CaptionTokenizer", "train_caption_tokenizer", "tokenize",
     "OpenAITokenizer", "load_openai_tokenizer",
-    "ClipLoss", "TrainConfig", "train",
+    "ClipLoss", "TrainConfig", "TrainStep", "TrainingDiverged", "accumulate_gradients", "train",
     "train_transform", "eval_transform",
     "build_classifier", "zeroshot_logits", "predict_topk", "evaluate_zeroshot",
-    "save_model", "load_model", "save_training_state", "load_training_state",
+    "save_model", "load_model", "save_checkpoint", "list_checkpoints", "load_newest_checkpoint",
     "load_openai_state_dict", "config_from_state_dict",
     "create_model", "get_config", "list_models",
 ]

@@ -58,44 +58,57 @@ def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") 
     return model.eval()
 
 
-def save_training_state(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    step: int,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "step": int(step),
-        "extra": dict(extra or {}),
-    }
-    # write-then-rename: a crash mid-write never leaves a truncated last.pt
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:09d}.pt"
+
+
+def save_checkpoint(directory: str | Path, step: int, state: Mapping[str, Any], keep: int = 3) -> Path:
+    """Write ``directory/step-<step>.pt`` atomically, then delete all but the newest ``keep``.
+
+    Atomic: the bytes go to a temp file that is fsynced and renamed into place, so a kill at any
+    moment leaves either the whole checkpoint or none (a stray ``*.tmp`` is ignored on resume).
+    ``state`` must hold only tensors, numbers, strings, None, lists/tuples and dicts, so that it
+    loads with ``weights_only=True``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, step)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
     return path
 
 
-def load_training_state(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-) -> tuple[int, dict[str, Any]]:
-    """Restore model/optimizer/scheduler in place; returns (step, extra)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    unwrap_model(model).load_state_dict(state["model"], strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler"):
-        scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"]), dict(state.get("extra", {}))
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first (by step)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_newest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, as (path, state); None when there is none.
+
+    A file that fails to load (disk trouble, a copy cut short) is reported and skipped in favour
+    of the one before it, rather than ending the run.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to an older one
+            print(f"[checkpoint] skipping unreadable {path}: {type(exc).__name__}: {exc}", flush=True)
+    return None
 
 
 # -----------------------------------------------------------------------------

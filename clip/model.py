@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # configs
@@ -183,10 +184,14 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(
             [ResidualBlock(width, heads, mlp_ratio, act) for _ in range(layers)]
         )
+        self.grad_checkpointing = False  # recompute block activations in backward: less memory
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
 
     @torch.no_grad()
@@ -407,6 +412,13 @@ class CLIP(TextTransformer):
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing in every transformer (ViT and text tower); the ResNet tower's
+        convolutions are left alone."""
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.grad_checkpointing = enabled
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

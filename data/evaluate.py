@@ -26,32 +26,42 @@ def _batches(bench, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, 
         yield torch.stack(images), torch.tensor(labels)
 
 
+def score_model(model, tokenizer, root: Path, *, context_length: int, batch_size: int = 256,
+                device: str | None = None) -> dict:
+    """Zero-shot metrics of an in-memory model on one benchmark root (CLIP_benchmark layout)."""
+    from clip.transform import eval_transform
+    from clip.zeroshot import evaluate_zeroshot
+
+    device = device or str(next(model.parameters()).device)
+    bench = load_wds_benchmark(root)
+    transform = eval_transform(model.config.vision.image_size)
+    return evaluate_zeroshot(
+        model, tokenizer, bench.classnames, bench.templates, _batches(bench, transform, batch_size),
+        context_length=context_length, device=device,
+    )  # fmt: skip
+
+
 def evaluate_benchmarks(
     model_dir: Path, bench_roots: dict[str, Path], *, batch_size: int = 256, device: str | None = None
 ) -> dict[str, dict]:
     """Score the model saved in `model_dir` (model + tokenizer.json) on each benchmark; metrics per name."""
     from clip.checkpoint import load_model
     from clip.tokenizer import CaptionTokenizer
-    from clip.transform import eval_transform
-    from clip.zeroshot import evaluate_zeroshot
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir).to(device)
     tokenizer = CaptionTokenizer.load(Path(model_dir) / "tokenizer.json")
-    transform = eval_transform(model.config.vision.image_size)
     results: dict[str, dict] = {}
     for name, root in bench_roots.items():
-        bench = load_wds_benchmark(root)
         t0 = time.perf_counter()
-        metrics = evaluate_zeroshot(
-            model, tokenizer, bench.classnames, bench.templates, _batches(bench, transform, batch_size),
-            context_length=model.config.text.context_length, device=device,
-        )  # fmt: skip
+        metrics = score_model(model, tokenizer, root, context_length=model.config.text.context_length,
+                              batch_size=batch_size, device=device)
         info_path = Path(root) / "dataset_info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        n_classes = len(load_wds_benchmark(root).classnames)
         metrics.update(
-            classes=len(bench.classnames),
-            chance=1.0 / len(bench.classnames),
+            classes=n_classes,
+            chance=1.0 / n_classes,
             seconds=round(time.perf_counter() - t0, 2),
             dataset=str(root),
             generator_seed=info.get("seed"),

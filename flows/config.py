@@ -125,21 +125,51 @@ class ShardConfig(Section):
 
 class TrainConfig(Section):
     model: str = "tiny"
-    nproc: int = Field(1, ge=1)  # torchrun processes (DDP ranks) on this machine
+    nproc: int = Field(1, ge=1)  # torchrun processes (DDP ranks) per node
+    nnodes: int = Field(1, ge=1)  # >1: every node runs the same torchrun command (printed by the train stage)
+    node_rank: int = Field(0, ge=0)  # this machine's node; only node 0 runs the pipeline around training
+    rdzv_endpoint: str | None = None  # host:port of torchrun's c10d rendezvous; needed when nnodes > 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vocab_size: int = Field(1024, ge=300, le=100_000)  # BPE tokenizer trained on the crawled captions
     context_length: int = Field(24, ge=8, le=77)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)  # per rank
+    batch_size: int = Field(64, ge=2)  # per rank and micro-batch; global = batch_size x ranks x grad_accum
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
-    grad_accum: int = Field(1, ge=1)
-    amp: bool = False
-    checkpoint_every: int = Field(200, ge=1)
+    grad_accum: int = Field(1, ge=1)  # exact for the contrastive loss (features cached, then recomputed)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile (needs a C++ compiler on CPU)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0: no clipping
+    max_bad_steps: int = Field(20, ge=1)  # non-finite steps in a row before training stops
+    deterministic: bool = False
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
+    shuffle_buffer: int = Field(1000, ge=0)  # samples per loader reader; <=1: no sample shuffle
+    partition: Literal["auto", "shards", "samples"] = "auto"  # how ranks split the shards
+    checkpoint_every: int = Field(200, ge=0)  # steps; 0: only at epoch ends
+    keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
+    eval_every: int = Field(200, ge=0)  # steps between held-out zero-shot checks; 0: off
+    system_metrics_interval: float = Field(10.0, ge=0)  # seconds between MLflow system metrics; 0: off
+    progress: bool = True
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"expected 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "TrainConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be < nnodes {self.nnodes}")
+        return self
 
 
 class EvalConfig(Section):
@@ -265,7 +295,10 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         out["eval"] = {k: dump["eval"][k] for k in ("benchmarks", "samples_per_class", "seed")}
         out["image_size"] = cfg.web.image_size
     if stage == "train":
-        out["train"] = {k: v for k, v in out["train"].items() if k not in ("num_workers", "log_every")}
+        # where training runs and what it reports do not change the weights (the rank count does)
+        out["train"] = {k: v for k, v in out["train"].items() if k not in (
+            "num_workers", "log_every", "node_rank", "rdzv_endpoint", "progress",
+            "system_metrics_interval", "eval_every", "keep_checkpoints", "checkpoint_every")}
     return out
 
 

@@ -139,36 +139,60 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(cfg: PipelineConfig, spec_path: Path, node_rank: int) -> list[str]:
+    """The torchrun command line of one node. One node: a fresh loopback port; several: torchrun's
+    c10d rendezvous at train.rdzv_endpoint, where every node runs this same command."""
+    t = cfg.train
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t.nproc}"]
+    if t.nnodes == 1:
+        cmd += ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={_free_loopback_port()}"]
+    else:
+        cmd += [f"--nnodes={t.nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id=witclip-{cfg.run_name}"]
+    return cmd + ["-m", "flows.train_entry", str(spec_path.resolve())]
+
+
+HELDOUT_BENCHMARK = "colour"  # the periodic mid-training check; generated from its own seed
+
+
 @flow(name="train", log_prints=True)
 def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """Train the caption tokenizer, then launch the DDP training engine through torchrun."""
+    from data.benchmarks.synthetic import build_synthetic_benchmark
     from data.training import train_tokenizer
 
     t = cfg.train
     out_dir = cfg.stage_dir("train")
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(cfg.stage_dir("shard"), out_dir / "tokenizer.json", vocab_size=t.vocab_size)
-    spec = {
+    spec: dict[str, Any] = {
         "shard_dir": str(cfg.stage_dir("shard").resolve()),
         "out_dir": str(out_dir.resolve()),
         "tokenizer": str(Path(tok["path"]).resolve()),
         "train": t.model_dump(mode="json"),
         "mlflow": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
     }
+    if t.eval_every > 0:
+        # held out from both training (never served) and the final eval (another seed)
+        root = build_synthetic_benchmark(HELDOUT_BENCHMARK, cfg.work_dir / "benchmarks" / "heldout",
+                                         seed=cfg.eval.seed + 1, samples_per_class=20, image_size=cfg.web.image_size)
+        spec["zeroshot"] = {"root": str(root.resolve()), "name": f"heldout_{HELDOUT_BENCHMARK}",
+                            "batch_size": cfg.eval.batch_size}
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes=1", f"--nproc-per-node={t.nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_loopback_port()}",
-        "-m", "flows.train_entry", str(spec_path.resolve()),
-    ]  # fmt: skip
+    cmd = torchrun_command(cfg, spec_path, t.node_rank)
     env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback: nothing leaves the machine
+    if t.nnodes == 1:
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback: nothing leaves the machine
+    else:
+        for rank in range(t.nnodes):
+            if rank != t.node_rank:
+                print(f"node {rank} of {t.nnodes} must run (with {spec_path} at the same path):",
+                      " ".join(torchrun_command(cfg, spec_path, rank)))
     print("launching:", " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with code {proc.returncode}")
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}: see the [train] lines above")
     summary = json.loads((out_dir / "summary.json").read_text())
     summary["vocab_size"] = tok["vocab_size"]
     return summary

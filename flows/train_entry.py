@@ -1,7 +1,8 @@
 """torchrun entry point: `python -m torch.distributed.run ... -m flows.train_entry spec.json`.
 
-Wires the pieces together on every rank — model from `clip`, streaming shards from `data.shards`, the
-engine `clip.train.train` — and, on rank 0, sends the engine's metrics to the pipeline's MLflow run.
+Wires the pieces together on every rank -- model from `clip`, the webdataset loader from `data.loader`,
+the engine `clip.train.train` -- and, on rank 0, sends the engine's metrics, checkpoints and the
+machine's system metrics to the pipeline's MLflow run (by run id: MLflow's active run is thread-local).
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from clip import create_model
 from clip.tokenizer import CaptionTokenizer
-from clip.train import TrainConfig, train
+from clip.train import TrainConfig, TrainingDiverged, train
 from clip.transform import train_transform
 from data.loader import build_train_loader
 
 
 class MlflowMetricSink:
-    """Buffers per-step metrics and writes them to one MLflow run by id (no thread-local active run)."""
+    """Buffers per-step metrics and writes them to one MLflow run by id."""
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20):
         from mlflow.tracking import MlflowClient
@@ -32,6 +34,7 @@ class MlflowMetricSink:
         self.run_id = run_id
         self.flush_every = flush_every
         self.buffer: list = []
+        self.checkpoints: list[dict[str, Any]] = self._listed_checkpoints()  # a resumed run keeps its list
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -41,10 +44,52 @@ class MlflowMetricSink:
         if len(self.buffer) >= self.flush_every:
             self.flush()
 
+    def checkpoint(self, path: Path, step: int) -> None:
+        """Reference each checkpoint from the run: a tag names the newest, the artifact
+        train/checkpoints.json lists all written so far (older ones may since be pruned)."""
+        self.checkpoints.append({"step": step, "path": str(path)})
+        self.client.set_tag(self.run_id, "train.checkpoint", str(path))
+        self.client.log_dict(self.run_id, self.checkpoints, "train/checkpoints.json")
+        self.flush()
+
+    def _listed_checkpoints(self) -> list[dict[str, Any]]:
+        try:
+            local = self.client.download_artifacts(self.run_id, "train/checkpoints.json")
+        except Exception:  # noqa: BLE001 - none logged yet
+            return []
+        return json.loads(Path(local).read_text())
+
     def flush(self) -> None:
         if self.buffer:
             self.client.log_batch(self.run_id, metrics=self.buffer)
             self.buffer = []
+
+
+def _system_metrics(mlflow_spec: dict[str, Any], interval: float, node_rank: int, nnodes: int):
+    """MLflow's system metrics monitor (CPU, memory, disk, network; GPU when pynvml is present)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        mlflow_spec["run_id"], sampling_interval=interval, samples_before_logging=1, resume_logging=True,
+        node_id=f"node{node_rank}" if nnodes > 1 else None, tracking_uri=mlflow_spec["tracking_uri"],
+    )  # fmt: skip
+    monitor.start()
+    return monitor
+
+
+def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_length: int):
+    """The periodic held-out check: top-1 on a small benchmark that is neither trained on nor the
+    final eval set."""
+    from data.evaluate import score_model
+
+    root = Path(spec["root"])
+    name = spec.get("name", root.name)
+
+    def check(model) -> dict[str, float]:
+        m = score_model(model, tokenizer, root, context_length=context_length, batch_size=spec.get("batch_size", 256))
+        return {f"{name}_acc1": m["acc1"], f"{name}_acc5": m["acc5"]}
+
+    return check
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,48 +103,57 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     tokenizer = CaptionTokenizer.load(spec["tokenizer"])
+    torch.manual_seed(t["seed"])  # the same initial weights for any world size
     model = create_model(t["model"], vocab_size=tokenizer.vocab_size, context_length=t["context_length"])
-    image_size = model.config.vision.image_size
-    transform = train_transform(image_size)
+    transform = train_transform(model.config.vision.image_size, scale=tuple(t["crop_scale"]))
     shard_dir = Path(spec["shard_dir"])
 
-    def batches(epoch: int):
+    def batches(epoch: int, start: Any = None):
         # webdataset pipeline (data/loader.py): shard shuffle by (seed, epoch), split by node and
-        # worker, sample shuffle buffer; also reads img2dataset's raw NNNNN.tar output directly
+        # worker, sample shuffle buffer; also reads img2dataset's raw NNNNN.tar output directly.
+        # `start` is the position this rank checkpointed: the loader skips to the exact next batch.
         return build_train_loader(
             shard_dir,
             image_transform=transform,
             tokenize=partial(tokenizer.__call__, context_length=t["context_length"]),  # picklable, unlike a lambda
             batch_size=t["batch_size"], seed=t["seed"], epoch=epoch,
             rank=rank, world_size=world_size, num_workers=t["num_workers"],
+            shuffle_buffer=t["shuffle_buffer"], partition=t["partition"], start_batch=start or 0,
         )  # fmt: skip
 
     first = batches(0)
     n_train = first.num_samples
     steps_per_epoch = max(1, first.batches_per_epoch // t["grad_accum"])
-
-    engine_cfg = TrainConfig(
-        epochs=t["epochs"],
-        batch_size=t["batch_size"],
-        lr=t["lr"],
-        weight_decay=t["weight_decay"],
-        warmup_steps=t["warmup_steps"],
-        grad_accum=t["grad_accum"],
-        amp=t["amp"],
-        seed=t["seed"],
-        checkpoint_every=t["checkpoint_every"],
-        log_every=t["log_every"],
-    )
+    engine_keys = {f for f in TrainConfig.__dataclass_fields__} & set(t)
+    engine_cfg = TrainConfig(**{k: t[k] for k in engine_keys})
     device = None if t["device"] == "auto" else t["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train.device is 'cuda' but no CUDA device is available")
 
-    sink = MlflowMetricSink(**spec["mlflow"]) if rank == 0 and spec.get("mlflow", {}).get("run_id") else None
+    mlflow_spec = spec.get("mlflow") or {}
+    tracked = rank == 0 and bool(mlflow_spec.get("run_id"))
+    sink = MlflowMetricSink(mlflow_spec["tracking_uri"], mlflow_spec["run_id"]) if tracked else None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node_rank = int(os.environ.get("GROUP_RANK", 0))
+    monitor = None
+    if mlflow_spec.get("run_id") and local_rank == 0 and t.get("system_metrics_interval", 0) > 0:
+        monitor = _system_metrics(mlflow_spec, t["system_metrics_interval"], node_rank, int(t.get("nnodes", 1)))
+    eval_fn = _zeroshot_check(spec["zeroshot"], tokenizer, t["context_length"]) if spec.get("zeroshot") else None
+
     out_dir = Path(spec["out_dir"])
-    summary = train(model, batches, steps_per_epoch, engine_cfg, out_dir, on_metrics=sink, resume=True, device=device)
-    if rank == 0:
+    try:
+        summary = train(model, batches, steps_per_epoch, engine_cfg, out_dir, on_metrics=sink, resume=True,
+                        device=device, on_checkpoint=sink.checkpoint if sink else None, eval_fn=eval_fn)
+    except TrainingDiverged as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    finally:
         if sink is not None:
             sink.flush()
+        if monitor is not None:
+            monitor.finish()
+    if rank == 0:
         summary.update({"train_samples": n_train, "world_size": world_size, "steps_per_epoch": steps_per_epoch})
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -253,9 +253,10 @@ def toy_batches(tokenizer, ctx: int, batch: int = 32, n: int = 64):
     images = colour_images(names, SMALL["image_size"], seed=1)
     tokens = tokenizer([f"a photo of a {c} square" for c in names], ctx)
 
-    def make_batches(epoch: int):
+    def make_batches(epoch: int, start: int | None = None):
+        # `start`: micro-batches of this epoch already consumed (the engine's resume contract)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, n - batch + 1, batch):
+        for i in range((start or 0) * batch, n - batch + 1, batch):
             idx = perm[i : i + batch]
             yield images[idx], tokens[idx]
 
@@ -293,8 +294,8 @@ def test_train_reduces_loss_and_writes_artifacts(trained):
     assert math.isclose(m["temperature"], 1 / m["logit_scale"])
     assert m["logit_scale"] <= 100.0 + 1e-4
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)  # must not need pickle
-    assert state["step"] == 30 and state["extra"]["epoch"] == 15
+    state = torch.load(clip.list_checkpoints(out / "checkpoints")[-1], weights_only=True)  # no pickle
+    assert state["step"] == 30 and state["epoch"] == 15
     assert load_model(out).config == model.config
 
 
@@ -302,7 +303,8 @@ def test_train_resume_continues_from_saved_step(trained, tokenizer, tmp_path):
     _, out, _, _ = trained
     run = tmp_path / "resumed"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.pt").write_bytes((out / "checkpoints" / "last.pt").read_bytes())
+    newest = clip.list_checkpoints(out / "checkpoints")[-1]
+    (run / "checkpoints" / newest.name).write_bytes(newest.read_bytes())
     fresh = small_model(tokenizer)
     logged = []
     result = train(fresh, toy_batches(tokenizer, SMALL["context_length"]), steps_per_epoch=2,
@@ -310,7 +312,7 @@ def test_train_resume_continues_from_saved_step(trained, tokenizer, tmp_path):
                    on_metrics=lambda s, m: logged.append(s), device="cpu")
     assert result["steps"] == 34 and result["samples_seen"] == 34 * 32
     assert logged == [34]  # only the 4 new steps ran; last step is always logged
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 34
+    assert torch.load(clip.list_checkpoints(run / "checkpoints")[-1], weights_only=True)["step"] == 34
     # training already complete: resume runs nothing
     again = train(small_model(tokenizer), toy_batches(tokenizer, 16), steps_per_epoch=2,
                   cfg=TrainConfig(epochs=17, **TOY_CFG), out_dir=run, device="cpu")
@@ -320,8 +322,8 @@ def test_train_resume_continues_from_saved_step(trained, tokenizer, tmp_path):
 def test_resume_mid_epoch_runs_only_the_missing_steps(tokenizer, tmp_path):
     batches = toy_batches(tokenizer, SMALL["context_length"], batch=16)  # 4 batches per epoch
 
-    def crash_in_epoch_1(epoch):
-        for i, b in enumerate(batches(epoch)):
+    def crash_in_epoch_1(epoch, start=None):
+        for i, b in enumerate(batches(epoch, start)):
             if epoch == 1 and i == 2:
                 raise RuntimeError("simulated preemption")
             yield b
@@ -329,12 +331,12 @@ def test_resume_mid_epoch_runs_only_the_missing_steps(tokenizer, tmp_path):
     cfg = TrainConfig(epochs=2, lr=1e-3, warmup_steps=1, log_every=100, checkpoint_every=5)
     with pytest.raises(RuntimeError, match="preemption"):
         train(small_model(tokenizer), crash_in_epoch_1, 4, cfg, tmp_path, device="cpu")
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["step"] == 5 and (state["extra"]["epoch"], state["extra"]["epoch_step"]) == (1, 1)
+    state = torch.load(clip.list_checkpoints(tmp_path / "checkpoints")[-1], weights_only=True)
+    assert state["step"] == 5 and (state["epoch"], state["epoch_step"]) == (1, 1)
     seen = []
 
-    def counting(epoch):
-        for b in batches(epoch):
+    def counting(epoch, start=None):
+        for b in batches(epoch, start):
             seen.append(epoch)
             yield b
 
@@ -343,7 +345,7 @@ def test_resume_mid_epoch_runs_only_the_missing_steps(tokenizer, tmp_path):
 
 
 def test_train_bf16_amp_with_grad_accum(tokenizer, tmp_path):
-    cfg = TrainConfig(epochs=1, amp=True, grad_accum=2, log_every=1, warmup_steps=1)
+    cfg = TrainConfig(epochs=1, precision="bf16", grad_accum=2, log_every=1, warmup_steps=1)
     logged = []
     result = train(small_model(tokenizer), toy_batches(tokenizer, 16, batch=16), 2, cfg, tmp_path,
                    on_metrics=lambda s, m: logged.append(m["loss"]), device="cpu", resume=False)
@@ -517,4 +519,4 @@ def test_train_under_torchrun_ddp(tmp_path):
         assert (res["steps"], res["samples_seen"]) == (4, 256)
     assert results[0]["final_loss"] == results[1]["final_loss"]  # loss is averaged over ranks
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "checkpoints" / "last.pt").is_file()
+    assert clip.list_checkpoints(tmp_path / "out" / "checkpoints")

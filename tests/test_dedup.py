@@ -162,9 +162,10 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
     _write_crawl(tmp_path / "crawl", samples, shard_size=16)  # 00000.tar .. 00003.tar, no sizes.json
     tok = train_caption_tokenizer([c for _, c, _ in samples], vocab_size=300)
     tok.save(tmp_path / "tokenizer.json")
-    train = {"model": "tiny", "nproc": 2, "device": "cpu", "vocab_size": 300, "context_length": 16, "epochs": 1,
-             "batch_size": 8, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 1, "grad_accum": 1, "amp": False,
-             "checkpoint_every": 100, "log_every": 1, "num_workers": 0, "seed": 0}
+    from flows.config import TrainConfig
+
+    train = TrainConfig(nproc=2, device="cpu", vocab_size=300, context_length=16, epochs=1, batch_size=8,
+                        warmup_steps=1, checkpoint_every=100, log_every=1).model_dump(mode="json")
     spec = {"shard_dir": str(tmp_path / "crawl"), "out_dir": str(tmp_path / "train"),
             "tokenizer": str(tmp_path / "tokenizer.json"), "train": train, "mlflow": {}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))

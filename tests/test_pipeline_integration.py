@@ -30,6 +30,9 @@ TINY = [
     "train.vocab_size=400",
     "train.warmup_steps=2",
     "train.log_every=2",
+    "train.checkpoint_every=3",
+    "train.eval_every=4",
+    "train.system_metrics_interval=1",
     "eval.samples_per_class=4",
 ]
 
@@ -96,7 +99,16 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(pipeline_env):
     assert "eval/colour_acc1" in run.data.metrics and "eval/mean_acc1" in run.data.metrics
     loss = client.get_metric_history(first["run_id"], "train/loss")
     assert len(loss) >= 2
-    assert {"train/lr", "train/temperature"} <= set(run.data.metrics)
+    assert [m.step for m in loss] == sorted(m.step for m in loss) and loss[0].step == 2  # per logged step
+    assert {"train/lr", "train/temperature", "train/samples_per_s", "train/data_wait_s", "train/grad_norm",
+            "train/skipped_steps", "train/zeroshot/heldout_colour_acc1"} <= set(run.data.metrics)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    # checkpoints are referenced from the run: the newest as a tag, all of them in an artifact
+    ckpt = Path(run.data.tags["train.checkpoint"])
+    assert ckpt.is_file() and ckpt.parent == cfg.stage_dir("train").resolve() / "checkpoints"
+    listed = json.loads(Path(client.download_artifacts(first["run_id"], "train/checkpoints.json")).read_text())
+    assert listed[-1]["path"] == str(ckpt) and [c["step"] for c in listed] == sorted(c["step"] for c in listed)
     top = {a.path for a in client.list_artifacts(first["run_id"])}
     assert {"manifests", "eval"} <= top
     eval_files = {a.path for a in client.list_artifacts(first["run_id"], "eval")}
