@@ -405,6 +405,7 @@ class _Run:
         self.p = _Progress()
         self.loader: Any = None
         self.last_checkpoint: Path | None = None
+        self.run_t0, self.run_step0 = time.time(), 0
 
     # -- checkpoints ----------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
@@ -480,8 +481,12 @@ class _Run:
             "epoch": p.epoch + p.epoch_step / max(1, self.steps_per_epoch),
         }
         if self.rank == 0:
-            print(f"[train] step {p.step}/{self.total_steps} epoch {p.epoch} loss {p.final_loss:.4f} "
-                  f"lr {lr:.2e} scale {scale:.1f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            done = p.step - self.run_step0
+            eta = (time.time() - self.run_t0) / max(1, done) * (self.total_steps - p.step)
+            tqdm.write(f"[train] step {p.step}/{self.total_steps} epoch {p.epoch} loss {p.final_loss:.4f} "
+                       f"lr {lr:.2e} scale {scale:.1f} {metrics['samples_per_s']:.1f} samples/s "
+                       f"eta {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stdout)
+            sys.stdout.flush()
             self.emit(metrics)
         w.clear()
 
@@ -506,9 +511,10 @@ class _Run:
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         start = self.restore() if resume else None
         self.stepper.wrap()
+        # the bar only on a terminal; in logs the [train] lines carry the ETA instead of '\r' debris
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=self.rank != 0 or not cfg.progress, file=sys.stderr,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                   disable=self.rank != 0 or not cfg.progress or not sys.stderr.isatty(), file=sys.stderr)
+        self.run_t0, self.run_step0 = time.time(), p.step
         lr = self.stepper.lr
         window_t0, window_samples, data_s = time.time(), 0, 0.0
         try:

@@ -381,3 +381,22 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(shards, tmp_p
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, differing[:5]
     assert json.loads((killed / "summary.json").read_text())["steps"] == 36
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager():
+    """train.compile=true goes through torch.compile (inductor, a C++ compiler on CPU) and takes the
+    same steps as eager execution."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    from clip.train import TrainStep
+
+    batch = random_batch(16, seed=4)
+    losses = {}
+    for compiled in (False, True):
+        stepper = TrainStep(small_model(), TrainConfig(compile=compiled, warmup_steps=1), 10, torch.device("cpu"))
+        stepper.wrap()
+        losses[compiled] = [stepper.step([batch]).loss for _ in range(3)]
+    assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) < 1e-4, losses
