@@ -1,19 +1,43 @@
-"""Zero-shot evaluation of a trained model on benchmarks in the CLIP_benchmark webdataset layout."""
+"""Zero-shot evaluation over the benchmark registry (data/benchmarks/tasks/*.json).
+
+    report = evaluate_suite(model, tokenizer, ["cifar10", "voc2007", "colour"], [Path("~/benchmarks")],
+                            out_dir, overlap=overlap_keys)
+
+Per task: find the data (registry.locate), open it in whatever layout it is in (sources.py), encode
+the images in batches through a DataLoader, score them against a text classifier (cached per model
+and task) and compute the paper's metric for that task. A task whose data is missing is reported as
+"not available" with where it was looked for and how to obtain it; a task whose data is broken fails
+alone with its reason. Outputs in out_dir: results.json, results.csv, summary.md, results.png.
+
+With an overlap index (dedup's overlap.parquet: benchmark test keys that have a near copy in the
+training data) each task is also scored on its Clean and Overlap subsets, as in the paper's §5.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-from data.benchmarks.synthetic import build_synthetic_benchmark
+from data.benchmarks import metrics as M
+from data.benchmarks.registry import describe_missing, get_task, locate
+from data.benchmarks.sources import BenchmarkDataError, TaskData, open_task_data
 from data.benchmarks.wds import load_wds_benchmark
 
+STATUS_RAN, STATUS_MISSING, STATUS_FAILED = "ran", "not_available", "failed"
 
+
+# ----------------------------------------------------------------------------- the periodic check
 def _batches(bench, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     images, labels = [], []
     for image, label in bench:
@@ -28,7 +52,8 @@ def _batches(bench, transform, batch_size: int) -> Iterator[tuple[torch.Tensor, 
 
 def score_model(model, tokenizer, root: Path, *, context_length: int, batch_size: int = 256,
                 device: str | None = None) -> dict:
-    """Zero-shot metrics of an in-memory model on one benchmark root (CLIP_benchmark layout)."""
+    """Top-1/top-5 of an in-memory model on one small classification set in the wds layout (the
+    trainer's periodic held-out check)."""
     from clip.transform import eval_transform
     from clip.zeroshot import evaluate_zeroshot
 
@@ -41,71 +66,328 @@ def score_model(model, tokenizer, root: Path, *, context_length: int, batch_size
     )  # fmt: skip
 
 
-def evaluate_benchmarks(
-    model_dir: Path, bench_roots: dict[str, Path], *, batch_size: int = 256, device: str | None = None
-) -> dict[str, dict]:
-    """Score the model saved in `model_dir` (model + tokenizer.json) on each benchmark; metrics per name."""
+# ----------------------------------------------------------------------------- model loading
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the weights (names, shapes, bytes): keys the classifier cache and the report."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model_for_eval(ref: str | Path, device: str = "cpu") -> tuple[Any, Any, str]:
+    """(model, tokenizer, label) from a directory (model.safetensors + config.json + tokenizer.json)
+    or an MLflow model URI (``models:/witclip@champion``, ``runs:/...``) of a witclip pyfunc."""
     from clip.checkpoint import load_model
     from clip.tokenizer import CaptionTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_dir).to(device)
-    tokenizer = CaptionTokenizer.load(Path(model_dir) / "tokenizer.json")
-    results: dict[str, dict] = {}
-    for name, root in bench_roots.items():
-        t0 = time.perf_counter()
-        metrics = score_model(model, tokenizer, root, context_length=model.config.text.context_length,
-                              batch_size=batch_size, device=device)
-        info_path = Path(root) / "dataset_info.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        n_classes = len(load_wds_benchmark(root).classnames)
-        metrics.update(
-            classes=n_classes,
-            chance=1.0 / n_classes,
-            seconds=round(time.perf_counter() - t0, 2),
-            dataset=str(root),
-            generator_seed=info.get("seed"),
-        )
-        results[name] = metrics
-    return results
+    ref = str(ref)
+    directory = Path(ref)
+    if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(ref))
+        found = [p.parent for p in local.rglob("model.safetensors")]
+        if not found:
+            raise FileNotFoundError(f"{ref}: no model.safetensors in the logged model")
+        directory = found[0]
+    if not (directory / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{directory}: expected a model directory with model.safetensors, config.json "
+                                "and tokenizer.json (a train stage output) or a models:/ URI")
+    model = load_model(directory).to(device).eval()
+    tokenizer = CaptionTokenizer.load(directory / "tokenizer.json")
+    return model, tokenizer, ref
 
 
-def evaluate_synthetic(
-    train_dir: Path,
-    bench_dir: Path,
+# ----------------------------------------------------------------------------- encoding
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.base[i]
+        return self.transform(image), target
+
+
+def _collate(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+    images = torch.stack([b[0] for b in batch])
+    targets = [b[1] for b in batch]
+    if isinstance(targets[0], (int, np.integer)):
+        return images, torch.tensor(targets, dtype=torch.long)
+    if isinstance(targets[0], np.ndarray):
+        return images, torch.from_numpy(np.stack(targets))
+    return images, targets  # captions: a list of lists
+
+
+@torch.no_grad()
+def encode_images(model, data: TaskData, *, batch_size: int, num_workers: int, device: str,
+                  progress: bool = True) -> tuple[torch.Tensor, list]:
+    """L2-normalised image features [N, D] (in dataset order) and the targets, batched."""
+    from tqdm import tqdm
+
+    from clip.transform import eval_transform
+
+    loader = DataLoader(_Transformed(data.dataset, eval_transform(model.config.vision.image_size)),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                        persistent_workers=False)
+    feats, targets = [], []
+    for images, target in tqdm(loader, desc=data.task, unit="batch", disable=not progress, leave=False):
+        feats.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1).cpu())
+        targets.append(target)
+    return torch.cat(feats), targets
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: Sequence[str], device: str, batch_size: int = 256) -> torch.Tensor:
+    ctx = model.config.text.context_length
+    out = [F.normalize(model.encode_text(tokenizer(list(texts[i:i + batch_size]), ctx).to(device)).float(), dim=-1).cpu()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
+
+
+def classifier_for(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], *, device: str,
+                   model_fp: str, cache_dir: Path | None) -> torch.Tensor:
+    """[D, C] zero-shot head, cached on disk per (model weights, class names, templates)."""
+    from clip.zeroshot import build_classifier
+
+    key = hashlib.sha256(json.dumps([model_fp, list(classnames), list(templates)]).encode()).hexdigest()[:32]
+    path = cache_dir / f"classifier-{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=True)
+    head = build_classifier(model, tokenizer, classnames, templates, model.config.text.context_length, device).cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(head, tmp)
+        tmp.replace(path)
+    return head
+
+
+# ----------------------------------------------------------------------------- scoring
+def _headline(task, data: TaskData, logits: np.ndarray, targets: np.ndarray) -> tuple[str, dict[str, float], str]:
+    """(metric actually used, metric values incl. 'value', note) for classification/multilabel."""
+    note = ""
+    if data.type == "multilabel":
+        m = M.voc_map_11point(logits, targets) if task.metric == "map_11point" else M.average_precision(logits, targets).mean()
+        return task.metric, {"value": float(m), "map_11point": float(m)}, note
+    labels = targets.astype(np.int64)
+    n_classes = logits.shape[1]
+    out = {"acc1": M.topk_accuracy(logits, labels, 1), "acc5": M.topk_accuracy(logits, labels, min(5, n_classes)),
+           "mean_per_class_recall": M.mean_per_class_recall(logits, labels, n_classes)}
+    metric = task.metric
+    if metric == "map_11point":
+        metric, note = "acc1", ("single-label data (e.g. CLIP_benchmark's object crops): scored top-1, "
+                                "not the paper's multi-label 11-point mAP")
+    if metric == "roc_auc":
+        if n_classes != 2:
+            raise BenchmarkDataError(f"{task.name}: ROC AUC needs 2 classes, the data has {n_classes}")
+        out["roc_auc"] = M.roc_auc(logits[:, 1] - logits[:, 0], labels)
+    if metric == "mean_top1_top5":
+        out["mean_top1_top5"] = M.mean_top1_top5(logits, labels)
+    out["value"] = float(out[metric])
+    return metric, {k: float(v) for k, v in out.items()}, note
+
+
+def _subsets(task, data: TaskData, logits: np.ndarray, targets: np.ndarray, overlap: set[str] | None) -> dict:
+    """All / Clean / Overlap: the task's metric on every sample, on those without and with a near copy in
+    the training data."""
+    if overlap is None:
+        return {}
+    in_overlap = np.array([k in overlap for k in data.keys], dtype=bool)
+    out = {}
+    for name, mask in (("all", np.ones_like(in_overlap)), ("clean", ~in_overlap), ("overlap", in_overlap)):
+        n = int(mask.sum())
+        value = math.nan
+        if n:
+            try:
+                value = _headline(task, data, logits[mask], targets[mask])[1]["value"]
+            except (ValueError, BenchmarkDataError):  # e.g. one class only in a tiny subset
+                value = math.nan
+        out[name] = {"n": n, "value": value}
+    return out
+
+
+def run_task(model, tokenizer, task, data: TaskData, *, batch_size: int, num_workers: int, device: str,
+             model_fp: str, cache_dir: Path | None, overlap: set[str] | None, progress: bool = True,
+             predictions: Path | None = None) -> dict:
+    t0 = time.perf_counter()
+    feats, target_batches = encode_images(model, data, batch_size=batch_size, num_workers=num_workers,
+                                          device=device, progress=progress)
+    if data.type == "retrieval":
+        captions = [c for batch in target_batches for c in batch]
+        texts, owner = [], []
+        for i, caps in enumerate(captions):
+            texts += caps
+            owner += [i] * len(caps)
+        text_feats = encode_texts(model, tokenizer, texts, device)
+        sim = (feats @ text_feats.T).numpy()
+        values = M.compute_metric("recall_at_k", similarity=sim, text_to_image=np.array(owner), ks=(1, 5, 10))
+        if predictions is not None:
+            _save(predictions, similarity=sim, text_to_image=np.array(owner), keys=np.array(data.keys))
+        result = {"metric": "recall_at_k", "value": values["value"], "metrics": values,
+                  "note": "value = mean of image and text retrieval recall@1, @5, @10", "n": len(captions),
+                  "n_texts": len(texts)}
+    else:
+        head = classifier_for(model, tokenizer, data.classnames, data.templates, device=device,
+                              model_fp=model_fp, cache_dir=cache_dir)
+        logits = (100.0 * feats @ head).numpy()
+        targets = np.concatenate([t.numpy() for t in target_batches])
+        if data.type == "classification" and (targets.min() < 0 or targets.max() >= logits.shape[1]):
+            raise BenchmarkDataError(f"{data.path}: labels span {targets.min()}..{targets.max()} but there "
+                                     f"are {logits.shape[1]} classes")
+        if predictions is not None:
+            _save(predictions, logits=logits, targets=targets, keys=np.array(data.keys))
+        metric, values, note = _headline(task, data, logits, targets)
+        result = {"metric": metric, "value": values["value"], "metrics": values, "note": note,
+                  "n": int(len(targets)), "classes": int(logits.shape[1]),
+                  "chance": 1.0 / logits.shape[1] if data.type == "classification" else None,
+                  "subsets": _subsets(task, data, logits, targets, overlap)}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["images_per_s"] = round(len(data.dataset) / max(result["seconds"], 1e-9), 1)
+    return result
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def evaluate_suite(
+    model,
+    tokenizer,
+    task_names: Sequence[str],
+    data_roots: Sequence[Path],
     out_dir: Path,
     *,
-    benchmarks: list[str],
-    samples_per_class: int,
-    image_size: int,
-    seed: int,
+    model_label: str = "",
+    overlap: dict[str, set[str]] | None = None,
     batch_size: int = 256,
-) -> dict:
-    """Generate the held-out synthetic benchmarks (never served), score the trained model, write reports."""
-    roots = {
-        name: build_synthetic_benchmark(
-            name, bench_dir, seed=seed, samples_per_class=samples_per_class, image_size=image_size
-        )
-        for name in benchmarks
+    num_workers: int = 0,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    save_predictions: bool = False,
+) -> dict[str, Any]:
+    """Run every task (missing and broken ones are reported, not raised); write the reports; return them.
+    ``save_predictions``: also write out_dir/predictions/<task>.npz (logits and targets, or the
+    image-text similarity matrix), e.g. to recompute a metric elsewhere."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    model_fp = model_fingerprint(model)
+    roots = [Path(r) for r in data_roots]
+    tasks: dict[str, dict] = {}
+    for name in task_names:
+        task = get_task(name)
+        entry: dict[str, Any] = {"title": task.title, "group": task.group, "type": task.type,
+                                 "paper_metric": task.metric, "paper": dict(task.paper) if task.paper else None}
+        location = locate(task, roots)
+        if location is None:
+            entry.update(status=STATUS_MISSING, message=describe_missing(task, roots))
+            print(f"[eval] {name}: {entry['message']}")
+            tasks[name] = entry
+            continue
+        try:
+            data = open_task_data(task, location)
+            entry.update(layout=data.layout, path=str(data.path), data_hash=data.fingerprint,
+                         data_hash_kind=data.fingerprint_kind)
+            entry.update(run_task(model, tokenizer, task, data, batch_size=batch_size, num_workers=num_workers,
+                                  device=device, model_fp=model_fp, cache_dir=cache_dir,
+                                  overlap=(overlap or {}).get(name) if overlap is not None else None,
+                                  progress=progress,
+                                  predictions=Path(out_dir) / "predictions" / f"{name}.npz" if save_predictions else None))
+            entry["status"] = STATUS_RAN
+            print(f"[eval] {name}: {entry['metric']} {entry['value']:.4f} on {entry['n']} samples "
+                  f"({entry['images_per_s']:.0f} images/s)")
+        except Exception as exc:  # noqa: BLE001 - one broken task must not stop the others
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            entry.update(status=STATUS_FAILED, message=message)
+            print(f"[eval] {name}: FAILED {message}")
+        tasks[name] = entry
+    ran = {n: t for n, t in tasks.items() if t["status"] == STATUS_RAN}
+    report = {
+        "model": model_label,
+        "model_hash": model_fp,
+        "tasks": tasks,
+        "tasks_ran": len(ran),
+        "tasks_total": len(tasks),
+        "tasks_failed": sum(t["status"] == STATUS_FAILED for t in tasks.values()),
+        "tasks_missing": sum(t["status"] == STATUS_MISSING for t in tasks.values()),
+        "mean_score": float(np.mean([t["value"] for t in ran.values()])) if ran else math.nan,
+        "data_roots": [str(r) for r in roots],
     }
-    results = evaluate_benchmarks(train_dir, roots, batch_size=batch_size)
-    mean_acc1 = sum(r["acc1"] for r in results.values()) / len(results)
+    write_reports(report, Path(out_dir))
+    return report
+
+
+# ----------------------------------------------------------------------------- reports
+def write_reports(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"benchmarks": results, "mean_acc1": mean_acc1, "model_dir": str(train_dir)}
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    paths = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.md", out_dir / "results.png"]
+    paths[0].write_text(json.dumps(report, indent=2, default=float) + "\n")
+    with open(paths[1], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["benchmark", "classes", "n", "acc1", "chance", "mean_per_class_recall"])
-        for name, r in results.items():
-            w.writerow([name, r["classes"], r["n"], f"{r['acc1']:.4f}", f"{r['chance']:.4f}",
-                        f"{r['mean_per_class_recall']:.4f}"])  # fmt: skip
-    lines = ["# Zero-shot results", "", "| benchmark | classes | n | top-1 | chance |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['classes']} | {r['n']} | {100 * r['acc1']:.1f}% | {100 * r['chance']:.1f}% |")
-    lines += ["", f"Mean top-1: {100 * mean_acc1:.1f}%", ""]
-    (out_dir / "summary.md").write_text("\n".join(lines))
-    counts: dict = {"mean_acc1": mean_acc1}
-    for name, r in results.items():
-        counts[f"{name}_acc1"] = r["acc1"]
-        counts[f"{name}_chance"] = r["chance"]
-    return counts
+        w.writerow(["task", "status", "metric", "value", "n", "clean", "overlap", "n_overlap", "data_hash", "message"])
+        for name, t in report["tasks"].items():
+            sub = t.get("subsets") or {}
+            w.writerow([name, t["status"], t.get("metric", t["paper_metric"]), _num(t.get("value")), t.get("n", ""),
+                        _num(sub.get("clean", {}).get("value")), _num(sub.get("overlap", {}).get("value")),
+                        sub.get("overlap", {}).get("n", ""), t.get("data_hash", ""), t.get("message", t.get("note", ""))])
+    lines = ["# Zero-shot results", "", f"Model: `{report['model']}` (weights sha256 {report['model_hash'][:12]})", "",
+             f"**{report['tasks_ran']} of {report['tasks_total']} tasks ran** ({report['tasks_missing']} not "
+             f"available, {report['tasks_failed']} failed). Mean over the tasks that ran: "
+             f"{_pct(report['mean_score'])}.", "",
+             "| task | metric | score | n | chance | clean | overlap (n) | status |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in report["tasks"].items():
+        sub = t.get("subsets") or {}
+        ov = sub.get("overlap", {})
+        lines.append(f"| {t['title']} | {t.get('metric', t['paper_metric'])} | {_pct(t.get('value'))} | {t.get('n', '')} | "
+                     f"{_pct(t.get('chance'))} | {_pct(sub.get('clean', {}).get('value'))} | "
+                     f"{_pct(ov.get('value'))} ({ov.get('n', '')}) | {t['status']} |")
+    notes = [f"- {report['tasks'][n]['title']}: {t.get('message') or t.get('note')}"
+             for n, t in report["tasks"].items() if t.get("message") or t.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    paths[2].write_text("\n".join(lines) + "\n")
+    _bar_chart(report, paths[3])
+    return paths
+
+
+def _bar_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [(t["title"], 100 * t["value"]) for t in report["tasks"].values() if t["status"] == STATUS_RAN]
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(ran) + 2), 3.5))
+    if ran:
+        ax.bar([n for n, _ in ran], [v for _, v in ran], color="#4c72b0")
+        ax.tick_params(axis="x", rotation=60)
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"zero-shot: {report['tasks_ran']} of {report['tasks_total']} tasks ran")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _num(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
+
+
+def _pct(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def read_overlap(path: Path) -> dict[str, set[str]] | None:
+    """dedup's overlap.parquet -> {benchmark: test keys with a near copy in the training data}."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        return None
+    df = pd.read_parquet(path)
+    return {str(b): set(map(str, g["test_key"])) for b, g in df.groupby("benchmark")}

@@ -17,8 +17,8 @@ KEY_FIGURES = {
     "dedup": ("input", "kept"),
     "shard": ("train", "val"),
     "train": ("steps", "final_loss", "samples_seen"),
-    "eval": ("colour_acc1", "shape_acc1", "count_acc1", "mean_acc1"),
-    "register": ("version", "promoted", "mean_acc1"),
+    "eval": ("tasks_ran", "colour_score", "shape_score", "count_score", "mean_score"),
+    "register": ("version", "promoted", "mean_score"),
 }
 
 
@@ -111,6 +111,102 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_selection(spec: str) -> list[str]:
+    """'all', a group name (paper, shift, retrieval, synthetic) or comma-separated task names."""
+    from data.benchmarks.registry import get_task, load_tasks
+
+    tasks = load_tasks()
+    out: list[str] = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        if item == "all":
+            out += list(tasks)
+        elif item in {t.group for t in tasks.values()}:
+            out += [n for n, t in tasks.items() if t.group == item]
+        else:
+            try:
+                out.append(get_task(item).name)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+    return list(dict.fromkeys(out))
+
+
+def _data_roots(roots: list[str] | None) -> list[Path]:
+    paths = [Path(r).expanduser() for r in (roots or [])]
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"--data-root {p} is not a directory")
+    return paths
+
+
+def cmd_benchmarks(args: argparse.Namespace) -> int:
+    from data.benchmarks.registry import load_tasks, locate
+
+    if args.action == "convert":
+        return cmd_convert(args)
+    roots = _data_roots(args.data_root)
+    tasks = load_tasks()
+    rows = [("task", "group", "type", "metric", "classes", "data")]
+    found = 0
+    for name, t in tasks.items():
+        loc = locate(t, roots) if roots else None
+        found += loc is not None
+        where = f"{loc.kind}: {loc.path}" if loc else "-"
+        rows.append((name, t.group, t.type, t.metric, str(t.num_classes or ""), where))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:5], widths)) + "  " + r[5])
+    print(f"{len(tasks)} tasks; {found} with data under {', '.join(map(str, roots)) or '(no --data-root given)'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from data.benchmarks.convert import convert_to_wds, imagefolder, load_dataset_object
+    from data.benchmarks.registry import get_task
+
+    if bool(args.folder) == bool(args.dataset):
+        raise UserError("benchmarks convert: give exactly one of --folder DIR or --dataset module:callable")
+    if not args.out:
+        raise UserError("benchmarks convert: --out DIR is required")
+    try:
+        dataset = imagefolder(args.folder) if args.folder else load_dataset_object(args.dataset)
+        task = get_task(args.task) if args.task else None
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    classnames = list(task.classnames) if task and task.classnames else None
+    templates = list(task.templates) if task else ["a photo of a {c}."]
+    info = convert_to_wds(dataset, args.out, classnames=classnames, templates=templates,
+                          image_format=args.image_format)
+    print(f"wrote {info['samples']} samples, {info['classes']} classes, {info['shards']} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from data.evaluate import evaluate_suite, load_model_for_eval
+
+    tasks = _task_selection(args.tasks)
+    roots = _data_roots(args.data_root)
+    if args.model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from flows.registry import check_tracking_uri, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+        check_tracking_uri(uri)
+        mlflow.set_tracking_uri(uri)
+    elif not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: expected a model directory (train stage output) or a models:/ URI")
+    try:
+        model, tokenizer, label = load_model_for_eval(args.model)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    report = evaluate_suite(model, tokenizer, tasks, roots, Path(args.out), model_label=label,
+                            batch_size=args.batch_size, num_workers=args.workers,
+                            cache_dir=Path(args.out) / "cache", save_predictions=args.save_predictions)
+    print(f"{report['tasks_ran']} of {report['tasks_total']} tasks ran; mean {report['mean_score']:.4f}; "
+          f"reports in {args.out}/ (summary.md, results.json, results.csv, results.png)")
+    return 0
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     from data.web import main as web_main
 
@@ -136,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     c.add_argument("images", nargs="+", help="image files")
     c.set_defaults(fn=cmd_classify)
+
+    b = sub.add_parser("benchmarks", help="list the zero-shot tasks and where their data is; convert data")
+    b.add_argument("action", nargs="?", choices=["list", "convert"], default="list")
+    b.add_argument("--data-root", action="append", help="where benchmark data lies (repeatable)")
+    b.add_argument("--folder", help="convert: an image folder (<class>/<image>)")
+    b.add_argument("--dataset", help="convert: module:callable returning a dataset (len, [i] -> (image, label), .classes)")
+    b.add_argument("--task", help="convert: take class names and templates from this registry task")
+    b.add_argument("--out", help="convert: output directory (CLIP_benchmark wds layout)")
+    b.add_argument("--image-format", default="png", choices=["png", "jpg", "webp"])
+    b.set_defaults(fn=cmd_benchmarks)
+
+    e = sub.add_parser("eval", help="zero-shot evaluation of a model outside the pipeline")
+    e.add_argument("--model", required=True, help="model directory or MLflow URI (models:/witclip@champion)")
+    e.add_argument("--tasks", default="all", help="all, a group (paper, shift, retrieval, synthetic) or names")
+    e.add_argument("--data-root", action="append", help="where benchmark data lies (repeatable)")
+    e.add_argument("--out", default="eval-results", help="report directory")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    e.add_argument("--tracking-uri", help="MLflow store for models:/ URIs")
+    e.add_argument("--save-predictions", action="store_true", help="also write predictions/<task>.npz")
+    e.set_defaults(fn=cmd_eval)
 
     w = sub.add_parser("web", help="serve the synthetic web on 127.0.0.1 and print its seed URL")
     w.add_argument("--seed", type=int, default=0)

@@ -173,12 +173,24 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    benchmarks: list[Literal["colour", "shape", "count"]] = Field(
-        default_factory=lambda: list(SYNTHETIC_BENCHMARK_NAMES), min_length=1
-    )
-    samples_per_class: int = Field(100, ge=1)
-    seed: int = 1234  # held-out: benchmarks are generated, never served by the web
+    # task names from the registry (`witclip benchmarks` lists them); the synthetic ones are generated
+    benchmarks: list[str] = Field(default_factory=lambda: list(SYNTHETIC_BENCHMARK_NAMES), min_length=1)
+    data_roots: list[str] = Field(default_factory=list)  # where benchmark data lies (wds, ImageFolder, torchvision)
+    samples_per_class: int = Field(100, ge=1)  # synthetic benchmarks
+    seed: int = 1234  # held-out: synthetic benchmarks are generated, never served by the web
     batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers decoding benchmark images
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from data.benchmarks.registry import get_task
+
+        for name in v:
+            get_task(name)  # ValueError naming close matches
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate task names in {v}")
+        return v
 
 
 class MlflowConfig(Section):

@@ -214,7 +214,7 @@ def execute_stage(
     (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
     registry.log_stage(tracking_uri, run_id, stage, path, counts)
     if stage == "eval":
-        reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md")]
+        reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md", "results.png")]
         registry.log_artifacts(tracking_uri, run_id, reports, "eval")
     print(f"[{stage}] done in {seconds:.1f}s")
     return StageOutcome(stage, "ran", seconds, counts)

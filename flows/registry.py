@@ -143,12 +143,12 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows)
 
 
-def _champion_mean_acc1(client: MlflowClient, model_name: str, alias: str) -> tuple[float | None, str | None]:
+def _champion_mean_score(client: MlflowClient, model_name: str, alias: str) -> tuple[float | None, str | None]:
     try:
         mv = client.get_model_version_by_alias(model_name, alias)
     except mlflow.exceptions.MlflowException:
         return None, None
-    value = mv.tags.get("mean_acc1")
+    value = mv.tags.get("mean_score")
     return (float(value) if value is not None else None), mv.version
 
 
@@ -170,7 +170,7 @@ def register_model(
         raise FileNotFoundError(f"{train_dir} lacks {', '.join(missing)}: run the train stage first")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    mean_acc1 = float(eval_results["mean_acc1"])
+    mean_score = float(eval_results["mean_score"])
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "clip_model"
         bundle.mkdir()
@@ -186,23 +186,24 @@ def register_model(
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "witclip"],
             )
     version = str(info.registered_model_version)
-    client.set_model_version_tag(model_name, version, "mean_acc1", repr(mean_acc1))  # full precision: the gate compares it
-    for name, r in eval_results["benchmarks"].items():
-        client.set_model_version_tag(model_name, version, f"acc1.{name}", f"{r['acc1']:.6f}")
-    champion_acc, champion_version = _champion_mean_acc1(client, model_name, alias)
-    promoted = champion_acc is None or mean_acc1 > champion_acc
+    client.set_model_version_tag(model_name, version, "mean_score", repr(mean_score))  # full precision: the gate compares it
+    for name, r in eval_results["tasks"].items():
+        if r["status"] == "ran":
+            client.set_model_version_tag(model_name, version, f"{r['metric']}.{name}", f"{r['value']:.6f}")
+    champion_acc, champion_version = _champion_mean_score(client, model_name, alias)
+    promoted = champion_acc is None or mean_score > champion_acc
     if promoted:
         client.set_registered_model_alias(model_name, alias, version)
     decision = {
         "model_name": model_name,
         "version": version,
         "model_uri": f"models:/{model_name}/{version}",
-        "mean_acc1": mean_acc1,
+        "mean_score": mean_score,
         "previous_alias_holder": champion_version,
-        "previous_mean_acc1": champion_acc,
+        "previous_mean_score": champion_acc,
         "alias": alias,
         "promoted": promoted,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model_version.json").write_text(json.dumps(decision, indent=2))
-    return {"version": int(version), "mean_acc1": mean_acc1, "promoted": int(promoted)}
+    return {"version": int(version), "mean_score": mean_score, "promoted": int(promoted)}

@@ -107,14 +107,15 @@ def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def synthetic_benchmarks(cfg: PipelineConfig) -> dict[str, Path]:
-    """The eval benchmarks (generated from eval.seed, idempotent), {name: root}."""
-    from data.benchmarks.synthetic import build_synthetic_benchmark
+    """The synthetic eval benchmarks among eval.benchmarks (generated from eval.seed, idempotent),
+    {name: root}; dedup decontaminates against these."""
+    from data.benchmarks.synthetic import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark
 
     e = cfg.eval
     return {
         name: build_synthetic_benchmark(name, cfg.work_dir / "benchmarks", seed=e.seed,
                                         samples_per_class=e.samples_per_class, image_size=cfg.web.image_size)
-        for name in e.benchmarks
+        for name in e.benchmarks if name in SYNTHETIC_BENCHMARKS
     }
 
 
@@ -200,19 +201,26 @@ def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> di
 
 @flow(name="eval", log_prints=True)
 def eval_flow(cfg: PipelineConfig) -> dict[str, Any]:
-    from data.evaluate import evaluate_synthetic
+    """Score the trained model on every task in eval.benchmarks that has data; reports in eval/."""
+    from data.evaluate import evaluate_suite, load_model_for_eval, read_overlap
 
     e = cfg.eval
-    return evaluate_synthetic(
-        cfg.stage_dir("train"),
-        cfg.work_dir / "benchmarks",
-        cfg.stage_dir("eval"),
-        benchmarks=list(e.benchmarks),
-        samples_per_class=e.samples_per_class,
-        image_size=cfg.web.image_size,
-        seed=e.seed,
-        batch_size=e.batch_size,
-    )
+    generated = synthetic_benchmarks(cfg)
+    overlap = None
+    if cfg.dedup.decontaminate:  # the overlap index covers the benchmarks dedup checked
+        found = read_overlap(cfg.stage_dir("dedup") / "overlap.parquet") or {}
+        overlap = {name: found.get(name, set()) for name in generated}
+    model, tokenizer, _ = load_model_for_eval(cfg.stage_dir("train"))
+    report = evaluate_suite(
+        model, tokenizer, e.benchmarks, [cfg.work_dir / "benchmarks", *map(Path, e.data_roots)],
+        cfg.stage_dir("eval"), model_label=str(cfg.stage_dir("train")), overlap=overlap,
+        batch_size=e.batch_size, num_workers=e.num_workers, cache_dir=cfg.work_dir / "cache" / "classifiers",
+    )  # fmt: skip
+    counts: dict[str, Any] = {k: report[k] for k in ("mean_score", "tasks_ran", "tasks_total", "tasks_failed")}
+    for name, t in report["tasks"].items():
+        if t["status"] == "ran":
+            counts[f"{name}_score"] = t["value"]
+    return counts
 
 
 @flow(name="register", log_prints=True)

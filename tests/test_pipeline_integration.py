@@ -82,9 +82,12 @@ def test_first_run_runs_every_stage_with_sane_counts(pipeline_env):
     train = _counts(first, "train")
     assert train["steps"] >= 2 and (cfg.stage_dir("train") / "model.safetensors").is_file()
     results = json.loads((cfg.stage_dir("eval") / "results.json").read_text())
-    assert set(results["benchmarks"]) == {"colour", "shape", "count"}
-    for r in results["benchmarks"].values():
-        assert 0.0 <= r["acc1"] <= 1.0 and r["n"] > 0
+    assert set(results["tasks"]) == {"colour", "shape", "count"} and results["tasks_ran"] == 3
+    for r in results["tasks"].values():
+        assert r["status"] == "ran" and r["metric"] == "acc1" and 0.0 <= r["value"] <= 1.0 and r["n"] > 0
+        # All / Clean / Overlap against dedup's overlap index
+        assert r["subsets"]["all"]["n"] == r["n"] == r["subsets"]["clean"]["n"] + r["subsets"]["overlap"]["n"]
+    assert (cfg.stage_dir("eval") / "results.png").stat().st_size > 1000
     reg = _counts(first, "register")
     assert reg["version"] == 1 and reg["promoted"] == 1
 
@@ -96,7 +99,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(pipeline_env):
     client = MlflowClient(tracking_uri=first["tracking_uri"])
     run = client.get_run(first["run_id"])
     assert run.data.params["train.model"] == "tiny"
-    assert "eval/colour_acc1" in run.data.metrics and "eval/mean_acc1" in run.data.metrics
+    assert "eval/colour_score" in run.data.metrics and "eval/mean_score" in run.data.metrics
     loss = client.get_metric_history(first["run_id"], "train/loss")
     assert len(loss) >= 2
     assert [m.step for m in loss] == sorted(m.step for m in loss) and loss[0].step == 2  # per logged step

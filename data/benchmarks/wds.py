@@ -43,6 +43,31 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
+def find_shards(split_dir: Path) -> list[Path]:
+    """The tars of one split: 0.tar .. N-1.tar per nshards.txt, else every *.tar in numeric order.
+    Raises FileNotFoundError / ValueError naming what is missing or malformed."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"benchmark split directory missing: {split_dir}")
+    nshards_path = split_dir / "nshards.txt"
+    if nshards_path.is_file():
+        text = nshards_path.read_text().strip()
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{nshards_path}: expected a positive shard count, got {text!r}")
+        shards = [split_dir / f"{i}.tar" for i in range(int(text))]
+        for shard in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"benchmark shard missing: {shard} ({nshards_path} says {text})")
+        return shards
+
+    def shard_order(path: Path) -> tuple[bool, int, str]:
+        return (not path.stem.isdigit(), int(path.stem) if path.stem.isdigit() else 0, path.name)
+
+    shards = sorted(split_dir.glob("*.tar"), key=shard_order)
+    if not shards:
+        raise FileNotFoundError(f"benchmark shards missing: no nshards.txt and no *.tar in {split_dir}")
+    return shards
+
+
 class WdsBenchmark:
     """A zero-shot classification set: class names, prompt templates and (image, label) samples."""
 
@@ -61,27 +86,7 @@ class WdsBenchmark:
         self._length: int | None = None
 
     def _find_shards(self) -> list[Path]:
-        split_dir = self.root / self.split
-        if not split_dir.is_dir():
-            raise FileNotFoundError(f"benchmark split directory missing: {split_dir}")
-        nshards_path = split_dir / "nshards.txt"
-        if nshards_path.is_file():
-            text = nshards_path.read_text().strip()
-            if not text.isdigit() or int(text) < 1:
-                raise ValueError(f"{nshards_path}: expected a positive shard count, got {text!r}")
-            shards = [split_dir / f"{i}.tar" for i in range(int(text))]
-            for shard in shards:
-                if not shard.is_file():
-                    raise FileNotFoundError(f"benchmark shard missing: {shard} ({nshards_path} says {text})")
-            return shards
-        # No nshards.txt: take every tar, in numeric order when names are numbers.
-        def shard_order(path: Path) -> tuple[bool, int, str]:
-            return (not path.stem.isdigit(), int(path.stem) if path.stem.isdigit() else 0, path.name)
-
-        shards = sorted(split_dir.glob("*.tar"), key=shard_order)
-        if not shards:
-            raise FileNotFoundError(f"benchmark shards missing: no nshards.txt and no *.tar in {split_dir}")
-        return shards
+        return find_shards(self.root / self.split)
 
     @property
     def chance(self) -> float:
