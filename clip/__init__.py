@@ -33,6 +33,7 @@ from .tokenizer import (
     CaptionTokenizer,
     OpenAITokenizer,
     load_openai_tokenizer,
+    load_tokenizer,
     train_caption_tokenizer,
 )
 from .train import TrainConfig, TrainingDiverged, TrainStep, accumulate_gradients, train
@@ -43,7 +44,7 @@ __all__ = [
     "CLIP", "CLIPConfig", "VisionConfig", "TextConfig", "VisionTransformer", "ModifiedResNet",
     "TextTransformer",
     "CaptionTokenizer", "train_caption_tokenizer", "tokenize",
-    "OpenAITokenizer", "load_openai_tokenizer",
+    "OpenAITokenizer", "load_openai_tokenizer", "load_tokenizer",
     "ClipLoss", "TrainConfig", "TrainStep", "TrainingDiverged", "accumulate_gradients", "train",
     "train_transform", "eval_transform",
     "build_classifier", "zeroshot_logits", "predict_topk", "evaluate_zeroshot",

@@ -292,3 +292,39 @@ class OpenAITokenizer:
 def load_openai_tokenizer(bpe_path: str | Path) -> OpenAITokenizer:
     """OpenAI CLIP tokenizer from a local ``bpe_simple_vocab_16e6.txt.gz``."""
     return OpenAITokenizer.from_bpe_file(bpe_path)
+
+
+# -----------------------------------------------------------------------------
+# Which tokenizer a model directory carries
+#
+# A model directory (train stage output, an imported checkpoint, the bundle inside a logged
+# pyfunc) holds model.safetensors + config.json and one tokenizer file:
+#   tokenizer.json                  witclip's own byte-level BPE (CaptionTokenizer)
+#   bpe_simple_vocab_16e6.txt.gz    OpenAI's merges file (OpenAITokenizer), for imported OpenAI weights
+# When both are present, tokenizer.json wins.
+
+TOKENIZER_FILE = "tokenizer.json"
+OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+TOKENIZER_FILES = (TOKENIZER_FILE, OPENAI_VOCAB_FILE)
+
+
+def find_tokenizer_file(model_dir: str | Path) -> Path | None:
+    """The tokenizer file of a model directory (see above), or None when it has neither."""
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def load_tokenizer(model_dir: str | Path) -> CaptionTokenizer | OpenAITokenizer:
+    """The tokenizer a model directory carries: CaptionTokenizer from tokenizer.json, else
+    OpenAITokenizer from bpe_simple_vocab_16e6.txt.gz; FileNotFoundError naming both when neither."""
+    path = find_tokenizer_file(model_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"{model_dir}: no tokenizer; expected {TOKENIZER_FILE} (witclip's trained tokenizer) "
+            f"or {OPENAI_VOCAB_FILE} (OpenAI's vocab)")
+    if path.name == TOKENIZER_FILE:
+        return CaptionTokenizer.load(path)
+    return load_openai_tokenizer(path)

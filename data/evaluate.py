@@ -77,10 +77,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def load_model_for_eval(ref: str | Path, device: str = "cpu") -> tuple[Any, Any, str]:
-    """(model, tokenizer, label) from a directory (model.safetensors + config.json + tokenizer.json)
+    """(model, tokenizer, label) from a directory (model.safetensors + config.json + a tokenizer:
+    tokenizer.json or OpenAI's bpe_simple_vocab_16e6.txt.gz, see ``clip.tokenizer.load_tokenizer``)
     or an MLflow model URI (``models:/witclip@champion``, ``runs:/...``) of a witclip pyfunc."""
     from clip.checkpoint import load_model
-    from clip.tokenizer import CaptionTokenizer
+    from clip.tokenizer import load_tokenizer
 
     ref = str(ref)
     directory = Path(ref)
@@ -94,9 +95,10 @@ def load_model_for_eval(ref: str | Path, device: str = "cpu") -> tuple[Any, Any,
         directory = found[0]
     if not (directory / "model.safetensors").is_file():
         raise FileNotFoundError(f"{directory}: expected a model directory with model.safetensors, config.json "
-                                "and tokenizer.json (a train stage output) or a models:/ URI")
+                                "and tokenizer.json or bpe_simple_vocab_16e6.txt.gz (a train stage output, "
+                                "an imported checkpoint) or a models:/ URI")
+    tokenizer = load_tokenizer(directory)  # first: a missing tokenizer fails before the weights load
     model = load_model(directory).to(device).eval()
-    tokenizer = CaptionTokenizer.load(directory / "tokenizer.json")
     return model, tokenizer, ref
 
 

@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pages", type=int, default=200)
     w.add_argument("--port", type=int, default=0, help="0: let the OS choose")
     w.set_defaults(fn=cmd_web)
+
+    from flows.weights_cmd import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return p
 
 

@@ -184,10 +184,14 @@ class EvalConfig(Section):
     @field_validator("benchmarks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        from data.benchmarks.registry import get_task
+        from data.benchmarks.registry import load_tasks, suggest_task_names
 
+        known = load_tasks()
         for name in v:
-            get_task(name)  # ValueError naming close matches
+            if name not in known:
+                close = suggest_task_names(name, known)
+                hint = f"did you mean {', '.join(close)}?" if close else "`witclip benchmarks` lists them"
+                raise ValueError(f"unknown benchmark task {name!r} ({hint})")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate task names in {v}")
         return v
@@ -229,7 +233,7 @@ def _format_validation_error(err: ValidationError) -> str:
     got = first.get("input")
     if isinstance(got, dict):  # a check across a section's keys: its message names them itself
         return f"config section '{key}' is invalid: {first['msg'].removeprefix('Value error, ')}"
-    return f"config value {key}={got!r} is invalid: {first['msg']}"
+    return f"config value {key}={got!r} is invalid: {first['msg'].removeprefix('Value error, ')}"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -19,7 +19,9 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+# A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
+# tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz for imported OpenAI weights).
+MODEL_FILES = ("model.safetensors", "config.json")
 DEFAULT_TEMPLATES = ("{c}", "a photo of {c}.", "an image of {c}.")
 
 
@@ -98,12 +100,12 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from clip.checkpoint import load_model
-        from clip.tokenizer import CaptionTokenizer
+        from clip.tokenizer import load_tokenizer
         from clip.transform import eval_transform
 
         model_dir = Path(context.artifacts["clip_model"])
         self.model = load_model(model_dir).eval()
-        self.tokenizer = CaptionTokenizer.load(model_dir / "tokenizer.json")
+        self.tokenizer = load_tokenizer(model_dir)  # tokenizer.json or OpenAI's vocab
         self.transform = eval_transform(self.model.config.vision.image_size)
         templates_path = model_dir / "templates.json"
         self.templates = json.loads(templates_path.read_text()) if templates_path.is_file() else list(DEFAULT_TEMPLATES)
@@ -152,6 +154,47 @@ def _champion_mean_score(client: MlflowClient, model_name: str, alias: str) -> t
     return (float(value) if value is not None else None), mv.version
 
 
+def model_dir_files(model_dir: Path) -> tuple[list[Path], list[str]]:
+    """(files of a model directory to bundle, what is missing): MODEL_FILES plus its tokenizer file."""
+    from clip.tokenizer import TOKENIZER_FILES, find_tokenizer_file
+
+    present = [model_dir / f for f in MODEL_FILES if (model_dir / f).is_file()]
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
+    tokenizer = find_tokenizer_file(model_dir)
+    if tokenizer is None:
+        missing.append(" or ".join(TOKENIZER_FILES))
+    else:
+        present.append(tokenizer)
+    return present, missing
+
+
+def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_name: str) -> str:
+    """Log a model directory as the witclip pyfunc (`WitclipZeroShotModel`, artifact `clip_model` = the
+    model files + templates.json) under artifact path `model` of `run_id`, register it as a new version
+    of `model_name`, and return that version. Sets no tag and no alias."""
+    import torch
+
+    files, missing = model_dir_files(model_dir)
+    if missing:
+        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}")
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "clip_model"
+        bundle.mkdir()
+        for f in files:
+            shutil.copy2(f, bundle / f.name)
+        (bundle / "templates.json").write_text(json.dumps(list(DEFAULT_TEMPLATES)))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=WitclipZeroShotModel(),
+                artifacts={"clip_model": str(bundle)},
+                registered_model_name=model_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "witclip"],
+            )
+    return str(info.registered_model_version)
+
+
 def register_model(
     *,
     train_dir: Path,
@@ -163,29 +206,12 @@ def register_model(
     alias: str,
 ) -> dict[str, Any]:
     """Log the trained model as a pyfunc, register a version, and move `alias` to it if it beats the holder."""
-    import torch
-
-    missing = [f for f in MODEL_FILES if not (train_dir / f).is_file()]
+    _, missing = model_dir_files(train_dir)
     if missing:
         raise FileNotFoundError(f"{train_dir} lacks {', '.join(missing)}: run the train stage first")
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     mean_score = float(eval_results["mean_score"])
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "clip_model"
-        bundle.mkdir()
-        for f in MODEL_FILES:
-            shutil.copy2(train_dir / f, bundle / f)
-        (bundle / "templates.json").write_text(json.dumps(list(DEFAULT_TEMPLATES)))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=WitclipZeroShotModel(),
-                artifacts={"clip_model": str(bundle)},
-                registered_model_name=model_name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "witclip"],
-            )
-    version = str(info.registered_model_version)
+    version = log_clip_model(model_dir=train_dir, run_id=run_id, tracking_uri=tracking_uri, model_name=model_name)
     client.set_model_version_tag(model_name, version, "mean_score", repr(mean_score))  # full precision: the gate compares it
     for name, r in eval_results["tasks"].items():
         if r["status"] == "ran":

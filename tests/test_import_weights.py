@@ -1,0 +1,406 @@
+"""`witclip import-weights`: OpenAI-format checkpoints (TorchScript archive, fp16 torch.save state_dict)
+served from a loopback HTTP server, converted, logged and registered with alias `baseline`; loaded back
+through `data.evaluate.load_model_for_eval` and the pyfunc with the same embeddings; champion untouched;
+the model-directory tokenizer convention; one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import clip
+from clip.tokenizer import (
+    OPENAI_VOCAB_FILE,
+    TOKENIZER_FILE,
+    CaptionTokenizer,
+    OpenAITokenizer,
+    load_openai_tokenizer,
+    load_tokenizer,
+    train_caption_tokenizer,
+)
+from flows.errors import UserError
+from flows.weights_cmd import add_parser, bundled_config_name, import_weights, packaged_openai_vocab
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # test archives are TorchScript
+
+VOCAB = packaged_openai_vocab()
+needs_vocab = pytest.mark.skipif(VOCAB is None, reason="open_clip (which ships OpenAI's vocab) is not installed")
+TEXTS = ["a red circle", "A photo of 2 dogs!", "naïve café, <end_of_text> don't"]
+CONTEXT = 16
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- test checkpoints
+def _small_openai_model() -> clip.CLIP:
+    """A small ViT CLIP with OpenAI's key layout and vocabulary (heads = width // 64, quick_gelu), so that
+    config inference recovers it exactly."""
+    torch.manual_seed(0)
+    model = clip.create_model("ViT-B-32", image_size=32, patch_size=16, vision_width=64, vision_layers=1,
+                              vision_heads=1, embed_dim=32, text_width=64, text_heads=1, text_layers=1,
+                              context_length=CONTEXT)
+    with torch.no_grad():  # off the structured init (zero biases, unit LayerNorms): every weight matters
+        g = torch.Generator().manual_seed(1)
+        for pname, p in model.named_parameters():
+            if pname != "logit_scale":
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+class _Holder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript_archive(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """A TorchScript archive whose state_dict has exactly `sd`'s keys (as OpenAI's releases, which also
+    carry the input_resolution / context_length / vocab_size entries)."""
+    root = _Holder()
+    for key, value in sd.items():
+        *parents, leaf = key.split(".")
+        mod = root
+        for part in parents:
+            if not hasattr(mod, part):
+                mod.add_module(part, _Holder())
+            mod = getattr(mod, part)
+        if value.is_floating_point():
+            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
+        else:
+            mod.register_buffer(leaf, value.clone())
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The source model, and its checkpoints: fp32 TorchScript archive and fp16 torch.save state_dict."""
+    d = tmp_path_factory.mktemp("served")
+    model = _small_openai_model()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(CONTEXT),
+              "vocab_size": torch.tensor(49408)}
+    _torchscript_archive({**sd, **extras}, d / "ViT-small.pt")
+    half = {k: v.half() for k, v in sd.items()}
+    torch.save(half, d / "ViT-small-fp16.pt")
+    with torch.device("meta"):
+        rounded = clip.CLIP(model.config)  # what an fp16 checkpoint can hold, in fp32
+    rounded.load_state_dict({k: v.float() for k, v in half.items()}, strict=True, assign=True)
+    return {"dir": d, "model": model, "rounded": rounded.eval()}
+
+
+@pytest.fixture(scope="module")
+def server(sources):
+    """A loopback HTTP server over the checkpoint directory, stopped after the module."""
+    handler = functools.partial(_QuietHandler, directory=str(sources["dir"]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _store(root: Path) -> str:
+    """A sqlite MLflow store whose experiment keeps artifacts under `root` (not ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("witclip", artifact_location=(root / "artifacts").as_uri())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def imported(sources, server, tmp_path_factory):
+    """v1: the fp32 TorchScript archive by URL (then made @champion with the client, as the promotion gate
+    would); v2: the fp16 state_dict by URL, which takes @baseline and must leave @champion on v1."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("store")
+    uri = _store(root)
+    common = dict(tracking_uri=uri, out_dir=root / "imports", progress=False)
+    t0 = time.monotonic()
+    first = import_weights(f"{server}/ViT-small.pt", **common)
+    client = MlflowClient(tracking_uri=uri)
+    assert str(client.get_model_version_by_alias("witclip", "baseline").version) == str(first["version"])
+    client.set_registered_model_alias("witclip", "champion", str(first["version"]))
+    second = import_weights(f"{server}/ViT-small-fp16.pt", **common)
+    return {"uri": uri, "client": client, "first": first, "second": second, "root": root,
+            "seconds": time.monotonic() - t0}
+
+
+def _embeddings(model: clip.CLIP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    tokens = load_openai_tokenizer(VOCAB)(TEXTS, CONTEXT)
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens), tokens
+
+
+def _max_diff(a: clip.CLIP, b: clip.CLIP) -> float:
+    ia, ta, _ = _embeddings(a)
+    ib, tb, _ = _embeddings(b)
+    return max((ia - ib).abs().max().item(), (ta - tb).abs().max().item())
+
+
+# ----------------------------------------------------------------------------- registration
+@needs_vocab
+@pytest.mark.slow
+def test_versions_aliases_and_lineage(imported, sources, server):
+    client, first, second = imported["client"], imported["first"], imported["second"]
+    assert (first["version"], second["version"]) == (1, 2)
+    assert second["model_uri"] == "models:/witclip/2"
+    assert str(client.get_model_version_by_alias("witclip", "baseline").version) == "2"  # moved
+    assert str(client.get_model_version_by_alias("witclip", "champion").version) == "1"  # untouched
+    aliases = client.get_registered_model("witclip").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"baseline": "2", "champion": "1"}
+
+    import hashlib
+
+    for result, fname, dtype in ((first, "ViT-small.pt", "float32"), (second, "ViT-small-fp16.pt", "float16")):
+        sha = hashlib.sha256((sources["dir"] / fname).read_bytes()).hexdigest()
+        assert result["sha256"] == sha and result["config"] is None  # no bundled config is this small
+        tags = client.get_model_version("witclip", str(result["version"])).tags
+        assert tags["source"] == f"{server}/{fname}"
+        assert tags["source_sha256"] == sha
+        assert tags["imported_from"] == "openai-format"
+        assert tags["source_dtype"] == dtype
+        assert tags["tokenizer"] == OPENAI_VOCAB_FILE
+        assert "mean_score" not in tags and "config" not in tags
+    assert imported["seconds"] < 40, imported["seconds"]
+
+
+@needs_vocab
+@pytest.mark.slow
+def test_baseline_loads_back_for_eval_fp16(imported, sources):
+    import mlflow
+
+    from data.evaluate import load_model_for_eval
+
+    mlflow.set_tracking_uri(imported["uri"])
+    model, tokenizer, label = load_model_for_eval("models:/witclip@baseline")
+    assert label == "models:/witclip@baseline"
+    assert model.config == sources["model"].config
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert _max_diff(model, sources["rounded"]) < 1e-5  # fp16 source: exactly its rounded weights
+    assert _max_diff(model, sources["model"]) > 1e-6  # (and the rounding did change something)
+    assert isinstance(tokenizer, OpenAITokenizer)
+    reference = load_openai_tokenizer(VOCAB)
+    assert torch.equal(tokenizer(TEXTS, CONTEXT), reference(TEXTS, CONTEXT))
+    assert [tokenizer.encode(t) for t in TEXTS] == [reference.encode(t) for t in TEXTS]
+
+
+@needs_vocab
+@pytest.mark.slow
+def test_fp32_version_pyfunc_and_eval_equal_source(imported, sources, tmp_path):
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from clip.transform import eval_transform
+    from clip.zeroshot import build_classifier, zeroshot_logits
+    from data.evaluate import load_model_for_eval
+    from flows.registry import DEFAULT_TEMPLATES
+
+    mlflow.set_tracking_uri(imported["uri"])
+    model, tokenizer, _ = load_model_for_eval("models:/witclip/1")
+    assert _max_diff(model, sources["model"]) < 1e-5
+    assert isinstance(tokenizer, OpenAITokenizer)
+
+    pyfunc = mlflow.pyfunc.load_model("models:/witclip/1")
+    inner = pyfunc.unwrap_python_model()
+    assert _max_diff(inner.model, sources["model"]) < 1e-5
+    assert isinstance(inner.tokenizer, OpenAITokenizer)
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "picture.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    labels = ["a red circle", "a blue square", "a green star"]
+    out = pyfunc.predict(pd.DataFrame({"image": [str(path)], "labels": [labels]}))
+    src = sources["model"]
+    with torch.no_grad():
+        classifier = build_classifier(src, load_openai_tokenizer(VOCAB), labels, list(DEFAULT_TEMPLATES),
+                                      context_length=CONTEXT, device="cpu")
+        image = eval_transform(32)(Image.open(path).convert("RGB")).unsqueeze(0)
+        expected = zeroshot_logits(src, image, classifier, scale=None).softmax(dim=-1)[0]
+    assert np.abs(np.array(out.loc[0, "scores"]) - expected.numpy()).max() < 1e-5
+    assert out.loc[0, "label"] == labels[int(expected.argmax())]
+
+
+@needs_vocab
+@pytest.mark.slow
+def test_cli_local_file_import(sources, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = _store(tmp_path)
+    parser = argparse.ArgumentParser(prog="witclip")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    src = sources["dir"] / "ViT-small.pt"
+    args = parser.parse_args(["import-weights", str(src), "--name", "other", "--vocab", str(VOCAB),
+                              "--tracking-uri", uri, "--out", str(tmp_path / "imports")])
+    assert (args.alias, args.experiment) == ("baseline", "witclip")
+    assert args.fn(args) == 0
+    assert "registered models:/other/1 as @baseline" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    mv = client.get_model_version_by_alias("other", "baseline")
+    import hashlib
+
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert mv.tags["source"] == sha and mv.tags["source_sha256"] == sha
+    assert mv.tags["source_file"] == "ViT-small.pt"
+    assert set(client.get_registered_model("other").aliases) == {"baseline"}
+    model_dir = tmp_path / "imports" / sha[:16]
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(["model.safetensors", "config.json",
+                                                                   OPENAI_VOCAB_FILE])
+
+
+# ----------------------------------------------------------------------------- errors
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_url_fails_fast_with_one_line(tmp_path):
+    port = _closed_port()
+    vocab = tmp_path / OPENAI_VOCAB_FILE
+    vocab.write_bytes(b"")  # a local vocab: only the checkpoint URL is fetched
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        import_weights(f"http://127.0.0.1:{port}/ViT-B-32.pt", vocab=str(vocab),
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "imports",
+                       progress=False)
+    assert time.monotonic() - t0 < 15
+    msg = str(err.value)
+    assert f"127.0.0.1:{port}" in msg and "\n" not in msg
+
+
+@needs_vocab
+def test_missing_local_file_fails_with_one_line(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(UserError) as err:
+        import_weights(str(missing), vocab=str(VOCAB),
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "imports")
+    msg = str(err.value)
+    assert str(missing) in msg and "does not exist" in msg and "\n" not in msg
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was logged
+
+
+def test_missing_vocab_and_bad_inputs(tmp_path, monkeypatch):
+    import flows.weights_cmd as wc
+
+    common = dict(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "imports")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    vocab = tmp_path / OPENAI_VOCAB_FILE
+    vocab.write_bytes(b"")
+    monkeypatch.setattr(wc, "packaged_openai_vocab", lambda: None)
+    with pytest.raises(UserError, match="--vocab") as err:
+        import_weights(str(junk), **common)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="champion"):
+        import_weights(str(junk), alias="champion", vocab=str(vocab), **common)
+    with pytest.raises(UserError, match="unsupported URL scheme"):
+        import_weights("ftp://127.0.0.1/x.pt", vocab=str(vocab), **common)
+    with pytest.raises(UserError, match="not an OpenAI-format CLIP checkpoint") as err:
+        import_weights(str(junk), vocab=str(vocab), **common)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="directory .* does not exist"):
+        import_weights(str(junk), tracking_uri=f"sqlite:///{tmp_path / 'no' / 'mlflow.db'}",
+                       out_dir=tmp_path, vocab=str(vocab))
+
+
+def test_bundled_config_name():
+    with torch.device("meta"):
+        model = clip.create_model("ViT-B-32")
+    inferred = clip.config_from_state_dict(model.state_dict())
+    assert bundled_config_name(inferred) == "ViT-B-32"
+    assert bundled_config_name(_small_openai_model().config) is None
+
+
+# ----------------------------------------------------------------------------- tokenizer convention
+@needs_vocab
+def test_load_tokenizer_picks_by_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(tmp_path)
+    assert TOKENIZER_FILE in str(err.value) and OPENAI_VOCAB_FILE in str(err.value)
+
+    (tmp_path / OPENAI_VOCAB_FILE).write_bytes(VOCAB.read_bytes())
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, OpenAITokenizer)
+    assert torch.equal(tok(TEXTS, CONTEXT), load_openai_tokenizer(VOCAB)(TEXTS, CONTEXT))
+
+    train_caption_tokenizer(["a red circle", "a blue square"] * 20, vocab_size=300).save(tmp_path / TOKENIZER_FILE)
+    assert isinstance(load_tokenizer(tmp_path), CaptionTokenizer)  # tokenizer.json wins
+
+
+def test_registry_model_files_accept_either_tokenizer(tmp_path):
+    from flows.registry import model_dir_files
+
+    _, missing = model_dir_files(tmp_path)
+    assert missing == ["model.safetensors", "config.json", f"{TOKENIZER_FILE} or {OPENAI_VOCAB_FILE}"]
+    for name in ("model.safetensors", "config.json", OPENAI_VOCAB_FILE):
+        (tmp_path / name).write_bytes(b"x")
+    files, missing = model_dir_files(tmp_path)
+    assert missing == [] and [f.name for f in files] == ["model.safetensors", "config.json", OPENAI_VOCAB_FILE]
+
+
+@pytest.mark.slow
+def test_pipeline_register_model_unchanged(tmp_path):
+    """The pipeline's register_model (now on the shared log_clip_model) still bundles tokenizer.json and
+    gates its alias on mean_score."""
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from flows.registry import get_or_create_run, register_model
+
+    uri = _store(tmp_path)
+    train_dir = tmp_path / "train"
+    torch.manual_seed(0)
+    clip.save_model(clip.create_model("tiny"), train_dir)
+    train_caption_tokenizer(["a red circle", "a blue square"] * 20, vocab_size=300).save(train_dir / TOKENIZER_FILE)
+    run_id = get_or_create_run(uri, "witclip", "demo", "abc", {"x": 1})
+
+    def results(score: float) -> dict:
+        return {"mean_score": score, "tasks": {"colour": {"status": "ran", "metric": "acc1", "value": score}}}
+
+    first = register_model(train_dir=train_dir, eval_results=results(0.5), out_dir=tmp_path / "reg", run_id=run_id,
+                           tracking_uri=uri, model_name="witclip", alias="champion")
+    second = register_model(train_dir=train_dir, eval_results=results(0.4), out_dir=tmp_path / "reg", run_id=run_id,
+                            tracking_uri=uri, model_name="witclip", alias="champion")
+    assert (first, second) == ({"version": 1, "mean_score": 0.5, "promoted": 1},
+                               {"version": 2, "mean_score": 0.4, "promoted": 0})
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/witclip@champion")
+    assert isinstance(pyfunc.unwrap_python_model().tokenizer, CaptionTokenizer)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    frame = pd.DataFrame({"image": [str(tmp_path / "red.png")], "labels": [["a red circle", "a blue square"]]})
+    out = pyfunc.predict(frame)
+    assert out.loc[0, "label"] in ("a red circle", "a blue square")
+    with pytest.raises(FileNotFoundError, match="run the train stage first"):
+        (train_dir / TOKENIZER_FILE).unlink()
+        register_model(train_dir=train_dir, eval_results=results(0.9), out_dir=tmp_path / "reg", run_id=run_id,
+                       tracking_uri=uri, model_name="witclip", alias="champion")
