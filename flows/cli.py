@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from flows.errors import UserError
+from flows.fetch_cmd import add_benchmarks_fetch_options, benchmarks_fetch_args, select_tasks
+from flows.fetch_cmd import add_parsers as add_fetch_parsers
+from flows.weights_cmd import add_parser as add_import_parser
 
 # Figures shown per stage in the end-of-run table.
 KEY_FIGURES = {
@@ -111,25 +114,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_selection(spec: str) -> list[str]:
-    """'all', a group name (paper, shift, retrieval, synthetic) or comma-separated task names."""
-    from data.benchmarks.registry import get_task, load_tasks
-
-    tasks = load_tasks()
-    out: list[str] = []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        if item == "all":
-            out += list(tasks)
-        elif item in {t.group for t in tasks.values()}:
-            out += [n for n, t in tasks.items() if t.group == item]
-        else:
-            try:
-                out.append(get_task(item).name)
-            except ValueError as e:
-                raise UserError(str(e)) from None
-    return list(dict.fromkeys(out))
-
-
 def _data_roots(roots: list[str] | None) -> list[Path]:
     paths = [Path(r).expanduser() for r in (roots or [])]
     for p in paths:
@@ -143,6 +127,8 @@ def cmd_benchmarks(args: argparse.Namespace) -> int:
 
     if args.action == "convert":
         return cmd_convert(args)
+    if args.action == "fetch":
+        return benchmarks_fetch_args(args)  # needs --tasks and exactly one --data-root
     roots = _data_roots(args.data_root)
     tasks = load_tasks()
     rows = [("task", "group", "type", "metric", "classes", "data")]
@@ -183,7 +169,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from data.evaluate import evaluate_suite, load_model_for_eval
 
-    tasks = _task_selection(args.tasks)
+    tasks = select_tasks(args.tasks)
     roots = _data_roots(args.data_root)
     if args.model.startswith(("models:/", "runs:/")):
         import mlflow
@@ -233,14 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("images", nargs="+", help="image files")
     c.set_defaults(fn=cmd_classify)
 
-    b = sub.add_parser("benchmarks", help="list the zero-shot tasks and where their data is; convert data")
-    b.add_argument("action", nargs="?", choices=["list", "convert"], default="list")
+    b = sub.add_parser("benchmarks", help="list the zero-shot tasks and where their data is; fetch or convert data")
+    b.add_argument("action", nargs="?", choices=["list", "convert", "fetch"], default="list")
     b.add_argument("--data-root", action="append", help="where benchmark data lies (repeatable)")
     b.add_argument("--folder", help="convert: an image folder (<class>/<image>)")
     b.add_argument("--dataset", help="convert: module:callable returning a dataset (len, [i] -> (image, label), .classes)")
     b.add_argument("--task", help="convert: take class names and templates from this registry task")
     b.add_argument("--out", help="convert: output directory (CLIP_benchmark wds layout)")
     b.add_argument("--image-format", default="png", choices=["png", "jpg", "webp"])
+    add_benchmarks_fetch_options(b)  # fetch: --tasks, --mirror, --url-template, --workers
     b.set_defaults(fn=cmd_benchmarks)
 
     e = sub.add_parser("eval", help="zero-shot evaluation of a model outside the pipeline")
@@ -260,9 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=0, help="0: let the OS choose")
     w.set_defaults(fn=cmd_web)
 
-    from flows.weights_cmd import add_parser as add_import_parser
-
-    add_import_parser(sub)
+    add_fetch_parsers(sub)  # urls fetch
+    add_import_parser(sub)  # import-weights
     return p
 
 

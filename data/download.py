@@ -1,0 +1,716 @@
+"""Resumable, verified, parallel HTTP(S) downloads on the standard library (http.client).
+
+    from data.download import download_files
+    result = download_files([(url, dest), ...], manifest=out_dir / ".witclip-fetch.json")
+
+Per file:
+
+* bytes stream to ``<dest>.part``; an existing ``.part`` is resumed with ``Range: bytes=<size>-``
+  (plus ``If-Range`` with the ETag / Last-Modified seen when it was started, so a file that changed
+  on the server is sent whole). A server that ignores Range (200 instead of 206) sends the whole
+  file, which replaces the part.
+* the part is renamed to ``dest`` only once complete: as many bytes as Content-Length (or the total
+  of Content-Range) announced and, where the server publishes the file's sha256 (Hugging Face's
+  ``X-Linked-Etag`` for LFS files) or the caller gave one, that sha256. Whatever is under a final
+  name is whole.
+* its size and sha256 then go into the JSON manifest, rewritten atomically after every file. On the
+  next run a file whose bytes match its entry is "verified" without asking the server; one whose
+  bytes no longer match ("corrupt") is deleted and fetched again. Without a manifest a file under its
+  final name is taken as complete. Optional files that answer 404/410 are recorded as missing.
+
+Before any parallel work, every host with something to fetch is probed once (a HEAD with
+``connect_timeout`` for connecting and for the answer): a dead mirror (connection refused, no DNS,
+connect timeout, a server that accepts and never answers) fails within about ``connect_timeout``
+seconds, raising `HostUnreachable` with one line: ``cannot reach HOST:PORT (what happened) while
+fetching URL``. Later transient errors (timeouts, resets, 429, 5xx, short bodies, a published
+sha256 not matched) are retried ``retries`` times, resuming what arrived. The first file that still
+fails stops the others (their parts stay for the next run) and raises `DownloadError` naming it.
+
+Proxies from the environment (``http_proxy``, ``https_proxy``, ``no_proxy``) are used, except for
+loopback hosts. Content is requested with ``Accept-Encoding: identity``: the bytes on disk are the
+bytes of the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
+from urllib.request import getproxies, proxy_bypass
+
+USER_AGENT = "witclip-fetch/0.1 (+https://github.com/witclip)"
+CHUNK_BYTES = 256 * 1024
+MAX_REDIRECTS = 5
+MAX_RETRY_AFTER_S = 30.0
+MANIFEST_VERSION = 1
+PART_SUFFIX = ".part"
+_REDIRECTS = (301, 302, 303, 307, 308)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+class DownloadError(ValueError):
+    """A file could not be downloaded; the message is one line naming the URL and why."""
+
+
+class HostUnreachable(DownloadError):
+    """Nothing answered at a host (or its proxy): refused, no DNS, connect timeout, no HTTP answer."""
+
+
+class LocalWriteError(DownloadError):
+    """A downloaded file could not be written here (disk full, permissions)."""
+
+
+@dataclass(frozen=True)
+class DownloadItem:
+    """One file to fetch. `sha256`: its expected digest when known in advance (checked before rename)."""
+
+    url: str
+    dest: Path
+    optional: bool = False  # a 404/410 is recorded as missing instead of failing
+    sha256: str | None = None
+
+
+# ----------------------------------------------------------------------------- internal errors
+class _Transient(Exception):
+    """Worth another attempt. `where` is set for connection-level failures (host:port or proxy)."""
+
+    def __init__(self, reason: str, *, where: str | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.where, self.retry_after = reason, where, retry_after
+        self.received = 0  # bytes this attempt had written to the part before it failed
+
+
+class _Permanent(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Restart(Exception):
+    """The part on disk cannot be continued: start the file over (does not use up an attempt)."""
+
+
+class _Stopped(Exception):
+    """Another file failed (or the user interrupted): leave this one's part for the next run."""
+
+
+# ----------------------------------------------------------------------------- connections
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, request target) of an http(s) URL; _Permanent if it is not one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Permanent(f"not an http(s) URL: {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise _Permanent(f"bad port in URL {url!r}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname, port, target
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
+    """(proxy host, port, extra headers) from the environment, or None for a direct connection."""
+    if _is_loopback(host):
+        return None
+    proxy = getproxies().get(scheme)
+    if not proxy or proxy_bypass(host):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    p = urlsplit(proxy)
+    if not p.hostname:
+        return None
+    headers = {}
+    if p.username:
+        token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+        headers["Proxy-Authorization"] = f"Basic {token}"
+    return p.hostname, p.port or 80, headers
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _connect_reason(err: BaseException, timeout: float) -> str:
+    if isinstance(err, socket.gaierror):
+        return f"name resolution failed: {err.strerror or _short(err)}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return f"connect timeout after {timeout:g}s"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    return _short(err)
+
+
+def _resolve(host: str, port: int, timeout: float, where: str) -> None:
+    """getaddrinfo has no timeout of its own: give it `timeout` seconds in a helper thread."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            outcome.append(err)
+
+    t = threading.Thread(target=run, name=f"resolve-{host}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not outcome:
+        raise _Transient(f"name resolution timed out after {timeout:g}s", where=where)
+    if outcome[0] is not None:
+        raise _Transient(_connect_reason(outcome[0], timeout), where=where)
+
+
+@dataclass
+class _Opened:
+    conn: http.client.HTTPConnection
+    resp: http.client.HTTPResponse
+    url: str  # after redirects
+    linked_sha256: str | None  # a sha256 the server published for the file (Hugging Face LFS)
+
+
+class _Http:
+    """Connections with separate connect / read timeouts, proxies and redirects."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float):
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.ssl = ssl.create_default_context()
+
+    def _connect(self, url: str, read_timeout: float, resolve_first: bool
+                 ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+        scheme, host, port, target = _split_url(url)
+        proxy = _proxy_for(scheme, host)
+        headers: dict[str, str] = {}
+        if proxy is None:
+            where, chost, cport = _hostport(host, port), host, port
+        else:
+            chost, cport, proxy_headers = proxy
+            where = f"proxy {_hostport(chost, cport)}"
+        if resolve_first:
+            _resolve(chost, cport, self.connect_timeout, where)
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
+        if scheme == "https":
+            kwargs["context"] = self.ssl
+        if proxy is None:
+            conn = cls(host, port, **kwargs)
+        elif scheme == "https":
+            conn = cls(chost, cport, **kwargs)
+            conn.set_tunnel(host, port, headers=proxy_headers)
+        else:
+            conn = http.client.HTTPConnection(chost, cport, timeout=self.connect_timeout)
+            target = url  # a plain-HTTP proxy takes the absolute URL
+            headers.update(proxy_headers)
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as err:
+            conn.close()
+            raise _Permanent(f"TLS certificate of {_hostport(host, port)} not accepted "
+                             f"({err.verify_message or _short(err)})") from None
+        except ssl.SSLError as err:
+            conn.close()
+            raise _Transient(f"TLS handshake with {_hostport(host, port)} failed ({_short(err)})") from None
+        except OSError as err:  # refused, DNS, timeout, unreachable network, proxy tunnel refused
+            conn.close()
+            raise _Transient(_connect_reason(err, self.connect_timeout), where=where) from None
+        conn.sock.settimeout(read_timeout)
+        return conn, target, headers
+
+    def open(self, url: str, method: str, headers: dict[str, str], *, follow: bool = True,
+             read_timeout: float | None = None, resolve_first: bool = False) -> _Opened:
+        """Send the request and return the response (after redirects, when `follow`)."""
+        read_timeout = self.read_timeout if read_timeout is None else read_timeout
+        linked: str | None = None
+        for _ in range(MAX_REDIRECTS + 1):
+            conn, target, extra = self._connect(url, read_timeout, resolve_first)
+            where = _hostport(*_split_url(url)[1:3])
+            try:
+                conn.request(method, target, headers={"User-Agent": USER_AGENT, **headers, **extra})
+                resp = conn.getresponse()
+            except (socket.timeout, TimeoutError):
+                conn.close()
+                raise _Transient(f"no HTTP response within {read_timeout:g}s", where=where) from None
+            except (http.client.HTTPException, OSError) as err:
+                conn.close()
+                raise _Transient(f"connection closed without an HTTP response ({_short(err)})",
+                                 where=where) from None
+            tag = (resp.getheader("X-Linked-Etag") or "").strip().strip('"').lower()
+            if _SHA256_RE.match(tag):
+                linked = tag
+            location = resp.getheader("Location")
+            if follow and resp.status in _REDIRECTS and location:
+                conn.close()
+                url = urljoin(url, location)
+                continue
+            return _Opened(conn, resp, url, linked)
+        raise _Permanent(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return min(float(value.strip()), MAX_RETRY_AFTER_S)
+    return None
+
+
+# ----------------------------------------------------------------------------- manifest
+class _Manifest:
+    """{"version", "files": {key: entry}, "partial": {key: meta}} in one JSON file, saved atomically.
+    Keys are dest paths relative to the manifest's directory (absolute when outside it)."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.lock = threading.Lock()
+        self.data: dict[str, Any] = {"version": MANIFEST_VERSION, "files": {}, "partial": {}}
+        if self.path is not None and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                loaded = None  # unreadable: every file is fetched again, which is safe
+            if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict):
+                self.data["files"] = loaded["files"]
+                if isinstance(loaded.get("partial"), dict):
+                    self.data["partial"] = loaded["partial"]
+
+    def key(self, dest: Path) -> str:
+        dest = Path(os.path.abspath(dest))
+        if self.path is not None:
+            base = Path(os.path.abspath(self.path.parent))
+            try:
+                return dest.relative_to(base).as_posix()
+            except ValueError:
+                pass
+        return dest.as_posix()
+
+    def entry(self, key: str) -> dict[str, Any] | None:
+        with self.lock:
+            value = self.data["files"].get(key)
+            return dict(value) if isinstance(value, dict) else None
+
+    def partial(self, key: str) -> dict[str, Any] | None:
+        with self.lock:
+            value = self.data["partial"].get(key)
+            return dict(value) if isinstance(value, dict) else None
+
+    def update(self, key: str, *, entry: dict[str, Any] | None = None, partial: dict[str, Any] | None = None,
+               drop_entry: bool = False, drop_partial: bool = False) -> None:
+        with self.lock:
+            if entry is not None:
+                self.data["files"][key] = entry
+            if drop_entry:
+                self.data["files"].pop(key, None)
+            if partial is not None:
+                self.data["partial"][key] = partial
+            if drop_partial:
+                self.data["partial"].pop(key, None)
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        payload = {"version": MANIFEST_VERSION, "files": dict(sorted(self.data["files"].items())),
+                   "partial": dict(sorted(self.data["partial"].items()))}
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=1)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise LocalWriteError(f"cannot write the download manifest {self.path}: {err.strerror or err}") from None
+
+
+def forget(manifest: Path, dest: Path) -> None:
+    """Delete `dest` and its manifest entry (e.g. its content turned out unusable)."""
+    m = _Manifest(manifest)
+    Path(dest).unlink(missing_ok=True)
+    m.update(m.key(Path(dest)), drop_entry=True, drop_partial=True)
+
+
+def _sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as fh:
+        while left is None or left > 0:
+            block = fh.read(CHUNK_BYTES * 4 if left is None else min(CHUNK_BYTES * 4, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- the downloader
+class _Progress:
+    def __init__(self, enabled: bool, desc: str):
+        self.lock = threading.Lock()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # disable=None: only on a terminal (no carriage-return debris in logs)
+            self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def expect(self, n: int) -> None:
+        if self.bar is not None and n:
+            with self.lock:
+                self.bar.total = (self.bar.total or 0) + n
+                self.bar.refresh()
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Downloader:
+    def __init__(self, manifest: _Manifest, http: _Http, retries: int, progress: _Progress):
+        self.m, self.http, self.retries, self.progress = manifest, http, retries, progress
+        self.stop = threading.Event()
+
+    # ---- before any request
+    def check(self, item: DownloadItem) -> str | None:
+        """'verified', 'present', 'missing_optional' (nothing to do), 'corrupt' or None (fetch it)."""
+        key = self.m.key(item.dest)
+        entry = self.m.entry(key)
+        if entry and entry.get("missing"):
+            if item.optional and entry.get("url") == item.url and not item.dest.exists():
+                return "missing_optional"
+            self.m.update(key, drop_entry=True)
+            entry = None
+        if not item.dest.is_file():
+            return None
+        if self.m.path is None:
+            return "present"
+        if entry is None:
+            return None  # not fetched by us (or the manifest was lost): fetched again, replaced when whole
+        size = item.dest.stat().st_size
+        ok = entry.get("size") == size and _sha256_file(item.dest).hexdigest() == entry.get("sha256")
+        if ok and (item.sha256 is None or item.sha256 == entry.get("sha256")):
+            return "verified"
+        item.dest.unlink(missing_ok=True)
+        self.m.update(key, drop_entry=True)
+        return "corrupt"
+
+    def probe(self, url: str) -> None:
+        """One HEAD with short timeouts: any HTTP answer means the host is there."""
+        try:
+            opened = self.http.open(url, "HEAD", {}, follow=False, read_timeout=self.http.connect_timeout,
+                                    resolve_first=True)
+            opened.conn.close()
+        except _Transient as err:
+            where = err.where or _hostport(*_split_url(url)[1:3])
+            raise HostUnreachable(f"cannot reach {where} ({err.reason}) while fetching {url}") from None
+        except _Permanent as err:
+            raise DownloadError(f"cannot fetch {url}: {err.reason}") from None
+
+    # ---- one file
+    def fetch(self, item: DownloadItem) -> tuple[str, int]:
+        """('downloaded' | 'resumed' | 'missing_optional', bytes received); raises DownloadError."""
+        last: _Transient | None = None
+        attempt = restarts = 0
+        received = 0
+        while attempt <= self.retries:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                status, n = self._attempt(item)
+                return status, received + n
+            except _Restart:
+                restarts += 1
+                if restarts > 3:
+                    raise DownloadError(f"cannot fetch {item.url}: the server keeps answering resumes "
+                                        "with the wrong byte range") from None
+                continue
+            except _Transient as err:
+                last = err
+                received += err.received
+                attempt += 1
+                if attempt <= self.retries:
+                    delay = err.retry_after if err.retry_after is not None else min(0.5 * 2 ** (attempt - 1), 4.0)
+                    if self.stop.wait(delay):
+                        raise _Stopped from None
+            except _Permanent as err:
+                raise DownloadError(f"cannot fetch {item.url}: {err.reason}") from None
+        assert last is not None
+        tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+        if last.where is not None:
+            raise HostUnreachable(f"cannot reach {last.where} ({last.reason}) while fetching {item.url} "
+                                  f"({tries})")
+        raise DownloadError(f"cannot fetch {item.url}: {last.reason} ({tries})")
+
+    def _attempt(self, item: DownloadItem) -> tuple[str, int]:
+        key = self.m.key(item.dest)
+        part = item.dest.with_name(item.dest.name + PART_SUFFIX)
+        offset = part.stat().st_size if part.is_file() else 0
+        meta = self.m.partial(key)
+        if offset and self.m.path is not None and (meta is None or meta.get("url") != item.url):
+            part.unlink()  # a part we cannot vouch for (other URL, or no record of starting it)
+            offset = 0
+        headers: dict[str, str] = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            etag = (meta or {}).get("etag") or ""
+            validator = etag if etag and not etag.startswith("W/") else (meta or {}).get("last_modified")
+            if validator:
+                headers["If-Range"] = validator
+        opened = self.http.open(item.url, "GET", headers)
+        try:
+            return self._receive(item, key, part, offset, meta, opened)
+        finally:
+            opened.conn.close()
+
+    def _receive(self, item: DownloadItem, key: str, part: Path, offset: int, meta: dict | None,
+                 opened: _Opened) -> tuple[str, int]:
+        resp = opened.resp
+        status = resp.status
+        if status == 416 and offset:
+            part.unlink(missing_ok=True)
+            self.m.update(key, drop_partial=True)
+            raise _Restart
+        if status in (404, 410) and item.optional:
+            self.m.update(key, entry={"url": item.url, "missing": True, "status": status, "checked_at": _now()},
+                          drop_partial=True)
+            return "missing_optional", 0
+        if status == 429 or status >= 500:
+            raise _Transient(f"HTTP {status} {resp.reason}".strip(), retry_after=_retry_after(resp.getheader("Retry-After")))
+        if status not in (200, 206):
+            raise _Permanent(f"HTTP {status} {resp.reason}".strip())
+        length_header = resp.getheader("Content-Length")
+        length = int(length_header) if length_header and length_header.strip().isdigit() else None
+        resumed = False
+        if status == 206:
+            match = _CONTENT_RANGE_RE.match(resp.getheader("Content-Range") or "")
+            if not offset or match is None or int(match.group(1)) != offset:
+                part.unlink(missing_ok=True)  # a range we did not ask for
+                self.m.update(key, drop_partial=True)
+                raise _Restart
+            total = None if match.group(3) == "*" else int(match.group(3))
+            if meta and meta.get("total") and total and meta["total"] != total:
+                part.unlink(missing_ok=True)  # the file changed size on the server since the part began
+                self.m.update(key, drop_partial=True)
+                raise _Restart
+            resumed = True
+        else:  # 200: the whole file (first time, or a server that ignores Range)
+            offset = 0
+            total = length
+        expected_sha = opened.linked_sha256 or (item.sha256.lower() if item.sha256 else None)
+        if not resumed:
+            self.m.update(key, partial={"url": item.url, "etag": resp.getheader("ETag"),
+                                        "last_modified": resp.getheader("Last-Modified"), "total": total,
+                                        "started_at": _now()})
+        try:
+            item.dest.parent.mkdir(parents=True, exist_ok=True)
+            hasher = _sha256_file(part, offset) if resumed else hashlib.sha256()
+            # unbuffered: what was received is on disk (page cache) even if this process is killed
+            fh = open(part, "ab" if resumed else "wb", buffering=0)
+        except OSError as err:
+            raise LocalWriteError(f"cannot write {part}: {err.strerror or err}") from None
+        got = 0
+        expecting = (total - offset) if total is not None else 0
+        self.progress.expect(expecting)
+        try:
+            with fh:
+                while True:
+                    if self.stop.is_set():
+                        raise _Stopped
+                    try:
+                        chunk = resp.read1(CHUNK_BYTES)
+                    except (socket.timeout, TimeoutError):
+                        err = _Transient(f"stalled: no data for {self.http.read_timeout:g}s after "
+                                         f"{offset + got} of {total if total is not None else '?'} bytes")
+                        err.received = got
+                        raise err from None
+                    except (http.client.HTTPException, OSError) as exc:
+                        err = _Transient(f"connection broken after {offset + got} bytes ({_short(exc)})")
+                        err.received = got
+                        raise err from None
+                    if not chunk:
+                        break
+                    try:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[fh.write(view):]
+                    except OSError as exc:
+                        raise LocalWriteError(f"cannot write {part}: {exc.strerror or exc}") from None
+                    hasher.update(chunk)
+                    got += len(chunk)
+                    self.progress.advance(len(chunk))
+                try:
+                    os.fsync(fh.fileno())
+                except OSError as exc:
+                    raise LocalWriteError(f"cannot write {part}: {exc.strerror or exc}") from None
+        finally:
+            if expecting > got:
+                self.progress.expect(-(expecting - got))
+        size = offset + got
+        if total is not None and size != total:
+            err = _Transient(f"connection closed after {size} of {total} bytes")
+            err.received = got
+            raise err
+        digest = hasher.hexdigest()
+        if expected_sha is not None and digest != expected_sha:
+            part.unlink(missing_ok=True)
+            self.m.update(key, drop_partial=True)
+            err = _Transient(f"sha256 {digest[:12]}... does not match the published {expected_sha[:12]}...")
+            err.received = got
+            raise err
+        try:
+            os.replace(part, item.dest)
+        except OSError as exc:
+            raise LocalWriteError(f"cannot move {part} to {item.dest}: {exc.strerror or exc}") from None
+        self.m.update(key, entry={"url": item.url, "size": size, "sha256": digest, "fetched_at": _now()},
+                      drop_partial=True)
+        return ("resumed" if resumed else "downloaded"), got
+
+
+def _as_item(value: DownloadItem | Sequence[Any]) -> DownloadItem:
+    if isinstance(value, DownloadItem):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        return DownloadItem(str(value[0]), Path(value[1]), bool(value[2]) if len(value) == 3 else False)
+    raise TypeError(f"expected DownloadItem or (url, dest[, optional]), got {value!r}")
+
+
+def download_files(
+    items: Iterable[DownloadItem | Sequence[Any]],
+    *,
+    workers: int = 4,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 10.0,
+    retries: int = 2,
+    manifest: Path | str | None = None,
+    progress: bool = True,
+    desc: str = "download",
+) -> dict[str, Any]:
+    """Fetch every (url, dest[, optional]) / DownloadItem; see the module doc.
+
+    Returns counts: files, downloaded, resumed, verified (skipped: the manifest vouches for them),
+    refetched (corrupt on disk, fetched again), missing_optional, present (no manifest, file
+    there), bytes_downloaded (this run), bytes (of all the files now on disk), seconds, and
+    status: {dest: one of those words}. Raises HostUnreachable, DownloadError (one line each),
+    LocalWriteError; ValueError for bad arguments.
+    """
+    t0 = time.monotonic()
+    todo = [_as_item(i) for i in items]
+    if workers < 1 or retries < 0 or connect_timeout <= 0 or read_timeout <= 0:
+        raise ValueError("workers must be >= 1, retries >= 0 and timeouts > 0")
+    for it in todo:
+        try:
+            _split_url(it.url)
+        except _Permanent as err:
+            raise ValueError(err.reason) from None
+    dests = [os.path.abspath(it.dest) for it in todo]
+    if len(set(dests)) != len(dests):
+        dup = next(d for d in dests if dests.count(d) > 1)
+        raise ValueError(f"two downloads write the same file {dup}")
+
+    bar = _Progress(progress, desc)
+    d = _Downloader(_Manifest(Path(manifest) if manifest is not None else None), _Http(connect_timeout, read_timeout),
+                    retries, bar)
+    status: dict[str, str] = {}
+    received = 0
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
+            checks = list(pool.map(d.check, todo))
+        pending = []
+        for it, state in zip(todo, checks):
+            if state in ("verified", "present", "missing_optional"):
+                status[str(it.dest)] = state
+            else:
+                pending.append((it, state))
+
+        probed: set[tuple[str, str, int]] = set()
+        for it, _ in pending:
+            scheme, host, port, _target = _split_url(it.url)
+            if (scheme, host, port) not in probed:
+                d.probe(it.url)
+                probed.add((scheme, host, port))
+
+        first_error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+            futures = {pool.submit(d.fetch, it): (it, state) for it, state in pending}
+            try:
+                for fut in as_completed(futures):
+                    it, state = futures[fut]
+                    try:
+                        word, n = fut.result()
+                        received += n
+                        status[str(it.dest)] = "refetched" if state == "corrupt" and word != "missing_optional" else word
+                    except _Stopped:
+                        status[str(it.dest)] = "stopped"
+                    except BaseException as err:  # noqa: BLE001 - the first one is re-raised below
+                        status[str(it.dest)] = "failed"
+                        if first_error is None:
+                            first_error = err
+                            d.stop.set()
+            except BaseException:  # KeyboardInterrupt: parts stay, the workers stop at their next chunk
+                d.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+    if first_error is not None:
+        left = sum(1 for s in status.values() if s in ("stopped", "failed")) - 1
+        if isinstance(first_error, DownloadError) and left > 0:
+            raise type(first_error)(f"{first_error}; {left} other file(s) stopped unfinished")
+        raise first_error
+
+    counts: dict[str, Any] = {k: 0 for k in ("downloaded", "resumed", "verified", "refetched",
+                                             "missing_optional", "present")}
+    for word in status.values():
+        counts[word] += 1
+    on_disk = sum(it.dest.stat().st_size for it in todo if it.dest.is_file())
+    return {"files": len(todo), **counts, "bytes_downloaded": received, "bytes": on_disk,
+            "seconds": round(time.monotonic() - t0, 3), "status": status}
