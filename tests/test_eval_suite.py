@@ -261,3 +261,24 @@ def test_imagefolder_with_numbered_class_folders_keeps_the_numbers_as_labels(tmp
     labels = {key: data.dataset[i][1] for i, key in enumerate(data.keys)}
     assert all(labels[f"img{n}"] == n for n in range(100))
     assert data.classnames == list(task.classnames)  # the metadata's names, not "0".."99"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_index_equals_tarfile(tmp_path, fmt):
+    """The fast header walk gives tarfile's (name, offset, size) list, long names and pax included."""
+    from data.benchmarks.sources import _tar_members
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        long_name = "d" * 60 + "/" + "x" * 90 + ".png"  # ustar: prefix + name fields
+        for i, name in enumerate(["a.png", "a.cls", "dir/b.png", "dir/b.cls", long_name, "é.txt"]):
+            data = bytes(range(256)) * (i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("emptydir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    assert _tar_members(path) == expected

@@ -118,18 +118,15 @@ class WdsDataset(Dataset):
 
     def _index(self, shard_no: int, shard: Path) -> None:
         current, fields = None, {}
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(m.name), key) if os.path.dirname(m.name) else key
-                if key != current:
-                    if current is not None:
-                        self._add(shard, current, fields)
-                    current, fields = key, {}
-                fields[ext.lower()] = _Member(shard_no, m.offset_data, m.size)
+        for name, offset, size in _tar_members(shard):
+            base = os.path.basename(name)
+            key, _, ext = base.partition(".")
+            key = os.path.join(os.path.dirname(name), key) if os.path.dirname(name) else key
+            if key != current:
+                if current is not None:
+                    self._add(shard, current, fields)
+                current, fields = key, {}
+            fields[ext.lower()] = _Member(shard_no, offset, size)
         if current is not None:
             self._add(shard, current, fields)
 
@@ -176,6 +173,43 @@ class WdsDataset(Dataset):
 
     def __getstate__(self) -> dict:  # file handles stay behind when pickled into workers
         return {**self.__dict__, "_handles": {}}
+
+
+def _tar_members(path: Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of the regular files in a tar, in order.
+
+    Plain ustar/v7 headers (what webdataset writers produce) are parsed directly, several times
+    faster than tarfile's TarInfo objects; any other header (pax, GNU long names, sparse) hands the
+    whole file to tarfile, which knows them all.
+    """
+    out = []
+    with open(path, "rb") as f:
+        pos = 0
+        while True:
+            f.seek(pos)
+            header = f.read(512)
+            if len(header) < 512:
+                raise EOFError(f"truncated tar header at byte {pos}")
+            if header == b"\0" * 512:
+                return out
+            kind = header[156:157]
+            try:
+                size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+                stored = int(header[148:156].rstrip(b"\0 ").decode() or "0", 8)
+            except ValueError:
+                break  # base-256 sizes or garbage: let tarfile judge
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                break  # not a valid plain header
+            if kind not in (b"0", b"\0", b"5", b"1", b"2"):
+                break  # pax / GNU extensions
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            if kind in (b"0", b"\0"):
+                out.append((name, pos + 512, size))
+            pos += 512 + (size + 511) // 512 * 512
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
 
 
 def _wds_shards(split_dir: Path) -> list[Path]:
