@@ -81,7 +81,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from flows.pipeline import run_pipeline
 
+    from flows.config import STAGES
+
+    if args.stages and args.from_stage:
+        raise UserError("give --stages or --from, not both")
     selected = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    if args.from_stage:
+        if args.from_stage not in STAGES:
+            raise UserError(f"--from {args.from_stage!r}: expected one of {', '.join(STAGES)}")
+        selected = list(STAGES[STAGES.index(args.from_stage):])
     result = run_pipeline(cfg, selected, force=args.force)
     print_summary(result, cfg)
     return 0
@@ -193,6 +201,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    from flows.registry import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    check_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from flows.registry import move_alias
+
+    client = _registry_client(args.tracking_uri)
+    try:
+        mv = client.get_model_version(args.name, str(args.version))
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"model {args.name} has no version {args.version}") from None
+    move_alias(client, args.name, args.alias, mv.version)
+    print(f"@{args.alias} of {args.name} -> version {mv.version} (mean_score {mv.tags.get('mean_score', 'not recorded')})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from flows.registry import rollback_alias
+
+    client = _registry_client(args.tracking_uri)
+    try:
+        current, previous = rollback_alias(client, args.name, args.alias)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no registered model {args.name!r}") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"@{args.alias} of {args.name}: version {current} -> version {previous}")
+    return 0
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     from data.web import main as web_main
 
@@ -209,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="pipeline YAML (default: the embedded demo, as configs/demo.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
     r.add_argument("--stages", help="comma-separated stages to (re-)run, e.g. eval,register")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every stage after it")
     r.add_argument("--force", action="store_true", help="re-run stages even when complete")
     r.set_defaults(fn=cmd_run)
 
@@ -240,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tracking-uri", help="MLflow store for models:/ URIs")
     e.add_argument("--save-predictions", action="store_true", help="also write predictions/<task>.npz")
     e.set_defaults(fn=cmd_eval)
+
+    for name, fn, text in (("promote", cmd_promote, "point @champion (or --alias) at a model version"),
+                           ("rollback", cmd_rollback, "point @champion (or --alias) back at its previous holder")):
+        a = sub.add_parser(name, help=text)
+        if name == "promote":
+            a.add_argument("version", help="model version number")
+        a.add_argument("--name", default="witclip", help="registered model name")
+        a.add_argument("--alias", default="champion")
+        a.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+        a.set_defaults(fn=fn)
 
     w = sub.add_parser("web", help="serve the synthetic web on 127.0.0.1 and print its seed URL")
     w.add_argument("--seed", type=int, default=0)

@@ -201,7 +201,9 @@ class MlflowConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLflow's own default; a `mlflow server` URL works too
     experiment: str = "witclip"
     model_name: str = "witclip"
-    alias: str = "champion"
+    alias: str = "champion"  # moves only when the eval gate passes
+    candidate_alias: str = "candidate"  # every newly registered version
+    promotion_margin: float = Field(0.005, ge=0, le=1)  # mean over common tasks must beat the champion's by this
 
 
 class PipelineConfig(Section):

@@ -145,13 +145,62 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows)
 
 
-def _champion_mean_score(client: MlflowClient, model_name: str, alias: str) -> tuple[float | None, str | None]:
+HISTORY_TAG = "witclip.champion_history"  # registered-model tag: JSON list of versions that held the alias
+
+
+def version_scores(mv: Any) -> dict[str, float]:
+    """Per-task eval scores recorded on a model version (tags ``score.<task>``)."""
+    return {k[len("score."):]: float(v) for k, v in mv.tags.items() if k.startswith("score.")}
+
+
+def promotion_decision(new: dict[str, float], holder: dict[str, float] | None, margin: float) -> dict[str, Any]:
+    """The eval gate: promote when there is no holder, or when the new model's mean over the tasks both
+    models ran is at least the holder's mean over those tasks plus ``margin``."""
+    if holder is None:
+        return {"promoted": True, "reason": "no current holder", "common_tasks": sorted(new)}
+    common = sorted(set(new) & set(holder))
+    if not common:
+        return {"promoted": False, "common_tasks": [],
+                "reason": "no eval task in common with the holder: compare by hand, then `witclip promote`"}
+    new_mean = sum(new[t] for t in common) / len(common)
+    holder_mean = sum(holder[t] for t in common) / len(common)
+    promoted = new_mean >= holder_mean + margin
+    return {"promoted": promoted, "common_tasks": common, "new_mean": new_mean, "holder_mean": holder_mean,
+            "margin": margin,
+            "reason": f"mean over {len(common)} common task(s) {new_mean:.6f} "
+                      f"{'>=' if promoted else '<'} holder {holder_mean:.6f} + margin {margin}"}
+
+
+def _alias_holder(client: MlflowClient, model_name: str, alias: str) -> Any | None:
     try:
-        mv = client.get_model_version_by_alias(model_name, alias)
+        return client.get_model_version_by_alias(model_name, alias)
     except mlflow.exceptions.MlflowException:
-        return None, None
-    value = mv.tags.get("mean_score")
-    return (float(value) if value is not None else None), mv.version
+        return None
+
+
+def _history(client: MlflowClient, model_name: str, alias: str) -> list[str]:
+    raw = client.get_registered_model(model_name).tags.get(f"{HISTORY_TAG}.{alias}")
+    return json.loads(raw) if raw else []
+
+
+def move_alias(client: MlflowClient, model_name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` and remember the move, so ``rollback_alias`` can undo it."""
+    history = _history(client, model_name, alias)
+    client.set_registered_model_alias(model_name, alias, str(version))
+    if not history or history[-1] != str(version):
+        history.append(str(version))
+    client.set_registered_model_tag(model_name, f"{HISTORY_TAG}.{alias}", json.dumps(history))
+
+
+def rollback_alias(client: MlflowClient, model_name: str, alias: str) -> tuple[str, str]:
+    """Point ``alias`` back at the version that held it before the current one; returns (from, to)."""
+    history = _history(client, model_name, alias)
+    if len(history) < 2:
+        raise ValueError(f"@{alias} of {model_name} has no earlier holder to roll back to")
+    current, previous = history[-1], history[-2]
+    client.set_registered_model_alias(model_name, alias, previous)
+    client.set_registered_model_tag(model_name, f"{HISTORY_TAG}.{alias}", json.dumps(history[:-1]))
+    return current, previous
 
 
 def model_dir_files(model_dir: Path) -> tuple[list[Path], list[str]]:
@@ -204,32 +253,46 @@ def register_model(
     tracking_uri: str,
     model_name: str,
     alias: str,
+    candidate_alias: str = "candidate",
+    margin: float = 0.0,
+    lineage: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Log the trained model as a pyfunc, register a version, and move `alias` to it if it beats the holder."""
+    """Log the trained model as a pyfunc and register a version: tagged with its eval scores and lineage,
+    given ``candidate_alias``, and given ``alias`` (champion) only if it passes the eval gate
+    (`promotion_decision`). The decision and its figures go to out_dir/model_version.json and to the run."""
     _, missing = model_dir_files(train_dir)
     if missing:
         raise FileNotFoundError(f"{train_dir} lacks {', '.join(missing)}: run the train stage first")
     client = MlflowClient(tracking_uri=tracking_uri)
     mean_score = float(eval_results["mean_score"])
+    ran = {name: r for name, r in eval_results["tasks"].items() if r["status"] == "ran"}
     version = log_clip_model(model_dir=train_dir, run_id=run_id, tracking_uri=tracking_uri, model_name=model_name)
-    client.set_model_version_tag(model_name, version, "mean_score", repr(mean_score))  # full precision: the gate compares it
-    for name, r in eval_results["tasks"].items():
-        if r["status"] == "ran":
-            client.set_model_version_tag(model_name, version, f"{r['metric']}.{name}", f"{r['value']:.6f}")
-    champion_acc, champion_version = _champion_mean_score(client, model_name, alias)
-    promoted = champion_acc is None or mean_score > champion_acc
-    if promoted:
-        client.set_registered_model_alias(model_name, alias, version)
-    decision = {
+    tags = {"mean_score": repr(mean_score), "pipeline_run_id": run_id, **(lineage or {})}
+    for name, r in ran.items():
+        tags[f"score.{name}"] = repr(float(r["value"]))  # full precision: the gate compares them
+        tags[f"metric.{name}"] = r["metric"]
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    holder = _alias_holder(client, model_name, alias)
+    decision = promotion_decision({n: float(r["value"]) for n, r in ran.items()},
+                                  version_scores(holder) if holder is not None else None, margin)
+    client.set_registered_model_alias(model_name, candidate_alias, version)
+    if decision["promoted"]:
+        move_alias(client, model_name, alias, version)
+    decision.update({
         "model_name": model_name,
         "version": version,
         "model_uri": f"models:/{model_name}/{version}",
         "mean_score": mean_score,
-        "previous_alias_holder": champion_version,
-        "previous_mean_score": champion_acc,
+        "previous_alias_holder": holder.version if holder is not None else None,
         "alias": alias,
-        "promoted": promoted,
-    }
+        "candidate_alias": candidate_alias,
+        "lineage": tags,
+    })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model_version.json").write_text(json.dumps(decision, indent=2))
-    return {"version": int(version), "mean_score": mean_score, "promoted": int(promoted)}
+    client.log_dict(run_id, decision, "register/decision.json")
+    client.set_tag(run_id, "register.decision", decision["reason"])
+    print(f"[register] version {version}: @{candidate_alias}; @{alias} "
+          f"{'moved to it' if decision['promoted'] else 'unchanged'} ({decision['reason']})")
+    return {"version": int(version), "mean_score": mean_score, "promoted": int(decision["promoted"])}

@@ -230,6 +230,15 @@ def register_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) ->
     results_path = cfg.stage_dir("eval") / "results.json"
     if not results_path.is_file():
         raise UserError(f"{results_path} is missing: run the eval stage before register")
+    from data.manifest import read_manifest
+
+    train_manifest = read_manifest(cfg.stage_dir("train")) or {}
+    lineage = {
+        "pipeline_run_name": cfg.run_name,
+        "data_manifest_hash": (read_manifest(cfg.stage_dir("shard")) or {}).get("outputs_hash", ""),
+        "train_outputs_hash": train_manifest.get("outputs_hash", ""),
+        "code_version": train_manifest.get("code_version", ""),
+    }
     return register_model(
         train_dir=cfg.stage_dir("train"),
         eval_results=json.loads(results_path.read_text()),
@@ -238,4 +247,7 @@ def register_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) ->
         tracking_uri=tracking_uri,
         model_name=cfg.mlflow.model_name,
         alias=cfg.mlflow.alias,
+        candidate_alias=cfg.mlflow.candidate_alias,
+        margin=cfg.mlflow.promotion_margin,
+        lineage=lineage,
     )

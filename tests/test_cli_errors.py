@@ -66,6 +66,10 @@ def test_unknown_stage_and_missing_upstream(tmp_path, capsys):
     assert "unknown stage 'polish'" in capsys.readouterr().err
     assert main(base + ["--stages", "eval"]) == 2
     assert "stage 'eval' needs the output of 'train'" in capsys.readouterr().err
+    assert main(base + ["--from", "polish"]) == 2
+    assert "--from 'polish': expected one of harvest, crawl" in capsys.readouterr().err
+    assert main(base + ["--from", "train"]) == 2  # train, eval, register: train needs shard's output
+    assert "stage 'train' needs the output of 'shard'" in capsys.readouterr().err
 
 
 def test_classify_missing_image(tmp_path, capsys):
