@@ -216,8 +216,27 @@ def execute_stage(
     if stage == "eval":
         reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md", "results.png")]
         registry.log_artifacts(tracking_uri, run_id, reports, "eval")
+    _stage_artifacts(stage, counts, seconds, run_id, tracking_uri, stage_dir)
     print(f"[{stage}] done in {seconds:.1f}s")
     return StageOutcome(stage, "ran", seconds, counts)
+
+
+def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, tracking_uri: str, stage_dir: Path) -> None:
+    """Prefect artifacts per stage: its counts as a table, a markdown summary, a link to the MLflow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    key = f"witclip-{stage}"
+    flat = {k: v for k, v in counts.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    create_table_artifact(key=f"{key}-counts", table=[{"figure": k, "value": v} for k, v in flat.items()],
+                          description=f"{stage}: counts from {stage_dir / 'manifest.json'}")
+    lines = [f"# {stage}", "", f"Ran in {seconds:.1f} s; outputs in `{stage_dir}`.", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in flat.items()]
+    create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines))
+    if tracking_uri.startswith(("http://", "https://")):
+        create_link_artifact(key=f"{key}-mlflow", link=f"{tracking_uri.rstrip('/')}/#/runs/{run_id}",
+                             link_text=f"MLflow run {run_id}")
+    else:  # a local store has no web address until `mlflow ui` serves it
+        create_markdown_artifact(key=f"{key}-mlflow", markdown=f"MLflow run `{run_id}` in `{tracking_uri}`")
 
 
 @flow(name="witclip-pipeline", log_prints=True)

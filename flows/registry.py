@@ -7,6 +7,7 @@ to one call).
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import tempfile
@@ -95,8 +96,9 @@ def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_pa
 
 
 class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
-    """pyfunc zero-shot classifier. Input: a DataFrame with `image` (file path or raw bytes) and `labels`
-    (list of candidate labels, or one comma-separated string). Output: `label`, `score`, `scores`."""
+    """pyfunc zero-shot classifier. Input: a DataFrame with `image` (a file path, raw bytes, or base64 text,
+    optionally as a ``data:image/...;base64,`` URI -- what a REST client sends) and `labels` (a list of
+    candidate labels, or one comma-separated string). Output: `label`, `score`, `scores`."""
 
     def load_context(self, context) -> None:
         from clip.checkpoint import load_model
@@ -117,7 +119,12 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
 
         if isinstance(item, (bytes, bytearray)):
             return Image.open(io.BytesIO(item)).convert("RGB")
-        return Image.open(str(item)).convert("RGB")
+        text = str(item)
+        if text.startswith("data:") and ";base64," in text:
+            text = text.split(";base64,", 1)[1]
+        elif Path(text).is_file() or len(text) < 64:
+            return Image.open(text).convert("RGB")  # a path (a short string is never an image's base64)
+        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
@@ -217,6 +224,19 @@ def model_dir_files(model_dir: Path) -> tuple[list[Path], list[str]]:
     return present, missing
 
 
+def _example_image_base64() -> str:
+    """A 32-pixel red circle on white as base64 PNG: the logged model's input example."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(image).ellipse((6, 6, 26, 26), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_name: str) -> str:
     """Log a model directory as the witclip pyfunc (`WitclipZeroShotModel`, artifact `clip_model` = the
     model files + templates.json) under artifact path `model` of `run_id`, register it as a new version
@@ -233,6 +253,7 @@ def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_nam
         for f in files:
             shutil.copy2(f, bundle / f.name)
         (bundle / "templates.json").write_text(json.dumps(list(DEFAULT_TEMPLATES)))
+        example = pd.DataFrame({"image": [_example_image_base64()], "labels": ["a red circle,a blue square"]})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -240,6 +261,7 @@ def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_nam
                 artifacts={"clip_model": str(bundle)},
                 registered_model_name=model_name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "witclip"],
+                input_example=example,  # the signature is inferred from it: image (string), labels (string)
             )
     return str(info.registered_model_version)
 

@@ -90,6 +90,13 @@ def test_first_run_runs_every_stage_with_sane_counts(pipeline_env):
     assert (cfg.stage_dir("eval") / "results.png").stat().st_size > 1000
     reg = _counts(first, "register")
     assert reg["version"] == 1 and reg["promoted"] == 1
+    # Prefect artifacts per stage: counts table, markdown summary, MLflow run reference
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("witclip-train-counts")
+    assert table is not None and '"steps"' in str(table.data)
+    assert Artifact.get("witclip-eval-summary") is not None
+    assert first["run_id"] in str(Artifact.get("witclip-register-mlflow").data)
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(pipeline_env):
@@ -118,6 +125,13 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(pipeline_env):
     assert "eval/summary.md" in eval_files
     mv = client.get_model_version_by_alias(cfg.mlflow.model_name, "champion")
     assert str(mv.version) == "1"
+    import mlflow
+
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    signature = mlflow.models.get_model_info(f"models:/{cfg.mlflow.model_name}/1").signature
+    assert signature is not None and signature.inputs.input_names() == ["image", "labels"]
+    assert mv.tags["pipeline_run_id"] == first["run_id"] and mv.tags["data_manifest_hash"]
+    assert str(client.get_model_version_by_alias(cfg.mlflow.model_name, "candidate").version) == "1"
 
 
 def test_second_run_skips_everything_then_reruns_selected_stages(pipeline_env):
@@ -165,3 +179,101 @@ def test_pyfunc_loads_and_predicts_from_a_plain_interpreter(pipeline_env, tmp_pa
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert str(path) in out.stdout
+
+
+def test_mlflow_models_serve_answers_a_rest_prediction(pipeline_env, tmp_path):
+    """`mlflow models serve -m models:/witclip@champion` on loopback; a generated image sent as base64."""
+    import base64
+    import io
+    import os
+    import random
+    import time
+    import urllib.request
+
+    from data.web import Scene, render_scene
+    from flows.stages import _free_loopback_port
+
+    buf = io.BytesIO()
+    render_scene(Scene("circle", "red", 1, "large", "white", "centre"), 64, random.Random(0)).save(buf, "PNG")
+    port = _free_loopback_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline_env["first"]["tracking_uri"],
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/witclip@champion", "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+            time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["image", "labels"], "data": [
+            [base64.b64encode(buf.getvalue()).decode(), "a red circle,a blue square"]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        row = answer["predictions"][0]
+        assert row["label"] in ("a red circle", "a blue square") and len(row["scores"]) == 2
+        assert abs(sum(row["scores"]) - 1) < 1e-4
+    finally:
+        import signal
+
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn workers
+            server.wait(timeout=20)
+        except ProcessLookupError:
+            pass  # already gone
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_killed_during_training_then_run_again_resumes_without_redoing_data_stages(tmp_path):
+    """`witclip run` SIGKILLed (with torchrun, its rank and Prefect's server) mid-training; the next
+    `witclip run` skips harvest..shard and resumes training from the newest checkpoint."""
+    import os
+    import signal
+
+    import psutil
+
+    overrides = TINY + ["train.epochs=6", "train.checkpoint_every=3", f"work_dir={tmp_path / 'runs'}",
+                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", *[a for o in overrides for a in ("--set", o)]]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("[train] step 8/"):
+            victims = psutil.Process(first.pid).children(recursive=True)
+            first.kill()
+            for v in victims:
+                v.send_signal(signal.SIGKILL)
+            psutil.wait_procs(victims, timeout=30)
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, "".join(seen[-40:])
+    train_dir = tmp_path / "runs" / "it" / "train"
+    assert not (train_dir / "manifest.json").exists() and list((train_dir / "checkpoints").glob("step-*.pt"))
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    import re
+
+    for stage in ("harvest", "crawl", "dedup", "shard"):  # the end-of-run table
+        assert re.search(rf"^{stage}\s+skipped\s", out, flags=re.M), stage
+    assert re.search(r"^train\s+ran\s", out, flags=re.M)
+    resumed = next(line for line in out.splitlines() if "[train] resumed from" in line)
+    at = int(re.search(r" at step (\d+) ", resumed).group(1))
+    assert 3 <= at <= 8, resumed  # the newest checkpoint written before the kill
+    trained = [int(m) for m in re.findall(r"^\[train\] step (\d+)/", out, flags=re.M)]
+    assert trained and min(trained) > at  # nothing before the checkpoint was trained again
+    summary = json.loads((train_dir / "summary.json").read_text())
+    assert summary["steps"] == summary["steps_per_epoch"] * 6
