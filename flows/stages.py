@@ -216,6 +216,9 @@ def eval_flow(cfg: PipelineConfig) -> dict[str, Any]:
         cfg.stage_dir("eval"), model_label=str(cfg.stage_dir("train")), overlap=overlap,
         batch_size=e.batch_size, num_workers=e.num_workers, cache_dir=cfg.work_dir / "cache" / "classifiers",
     )  # fmt: skip
+    if report["tasks_ran"] == 0:  # nothing to register a model on; the reports say why per task
+        raise UserError(f"none of the {report['tasks_total']} eval tasks ran (eval.benchmarks, eval.data_roots): "
+                        f"see {cfg.stage_dir('eval') / 'summary.md'}")
     counts: dict[str, Any] = {k: report[k] for k in ("mean_score", "tasks_ran", "tasks_total", "tasks_failed")}
     for name, t in report["tasks"].items():
         if t["status"] == "ran":

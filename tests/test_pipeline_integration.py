@@ -277,3 +277,14 @@ def test_killed_during_training_then_run_again_resumes_without_redoing_data_stag
     assert trained and min(trained) > at  # nothing before the checkpoint was trained again
     summary = json.loads((train_dir / "summary.json").read_text())
     assert summary["steps"] == summary["steps_per_epoch"] * 6
+
+
+def test_eval_with_no_task_data_fails_in_one_line_and_registers_nothing(pipeline_env):
+    from flows.errors import UserError
+    from flows.pipeline import run_pipeline
+
+    cfg = load_config(None, pipeline_env["overrides"] + ["eval.benchmarks=[cifar10]"])
+    with pytest.raises(UserError, match="none of the 1 eval tasks ran"):
+        run_pipeline(cfg, ["eval", "register"])
+    assert read_manifest(cfg.stage_dir("eval")) is None  # not marked complete
+    assert "not available: expected at" in (cfg.stage_dir("eval") / "summary.md").read_text()
