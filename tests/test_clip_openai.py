@@ -158,7 +158,10 @@ def _scripted_holder(sd: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
             if not hasattr(mod, part):
                 mod.add_module(part, _Holder())
             mod = getattr(mod, part)
-        mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
+        if value.is_floating_point():
+            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
+        else:  # OpenAI's integer entries (input_resolution, context_length, vocab_size)
+            mod.register_buffer(leaf, value.clone())
     return torch.jit.script(root)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import clip
 from clip.tokenizer import (
@@ -29,6 +28,7 @@ from clip.tokenizer import (
     train_caption_tokenizer,
 )
 from flows.errors import UserError
+from test_clip_openai import _scripted_holder  # noqa: E402  (tests/ is on sys.path under pytest)
 from flows.weights_cmd import add_parser, bundled_config_name, import_weights, packaged_openai_vocab
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # test archives are TorchScript
@@ -63,27 +63,10 @@ def _small_openai_model() -> clip.CLIP:
     return model.eval()
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def _torchscript_archive(sd: dict[str, torch.Tensor], path: Path) -> None:
     """A TorchScript archive whose state_dict has exactly `sd`'s keys (as OpenAI's releases, which also
     carry the input_resolution / context_length / vocab_size entries)."""
-    root = _Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        mod = root
-        for part in parents:
-            if not hasattr(mod, part):
-                mod.add_module(part, _Holder())
-            mod = getattr(mod, part)
-        if value.is_floating_point():
-            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            mod.register_buffer(leaf, value.clone())
-    torch.jit.save(torch.jit.script(root), str(path))
+    torch.jit.save(_scripted_holder(sd), str(path))
 
 
 @pytest.fixture(scope="module")
