@@ -28,7 +28,7 @@ from clip.tokenizer import (
     train_caption_tokenizer,
 )
 from flows.errors import UserError
-from test_clip_openai import _scripted_holder  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_clip_openai import _few_threads, _scripted_holder  # noqa: E402,F401  (tests/ is on sys.path; the autouse fixture applies here too)
 from flows.weights_cmd import add_parser, bundled_config_name, import_weights, packaged_openai_vocab
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # test archives are TorchScript
@@ -37,14 +37,6 @@ VOCAB = packaged_openai_vocab()
 needs_vocab = pytest.mark.skipif(VOCAB is None, reason="open_clip (which ships OpenAI's vocab) is not installed")
 TEXTS = ["a red circle", "A photo of 2 dogs!", "naïve café, <end_of_text> don't"]
 CONTEXT = 16
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(before, 2))
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- test checkpoints
