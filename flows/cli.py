@@ -64,7 +64,7 @@ def print_summary(result: dict, cfg) -> None:
     for o in result["outcomes"]:
         if o["stage"] == "register":
             c = o["counts"]
-            if o["status"] == "skipped":
+            if o["status"] in ("skipped", "reused"):
                 state = "registered by an earlier run"
             elif c.get("promoted"):
                 state = f"alias @{cfg.mlflow.alias} moved to it"
@@ -92,6 +92,64 @@ def cmd_run(args: argparse.Namespace) -> int:
         selected = list(STAGES[STAGES.index(args.from_stage):])
     result = run_pipeline(cfg, selected, force=args.force)
     print_summary(result, cfg)
+    return 0
+
+
+def prefect_api_url() -> str:
+    """The Prefect server `serve` registers with; schedules need one (the ephemeral API has no scheduler)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise UserError("serve needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api from "
+                        "`infra/local/server.sh start prefect`); the ephemeral API runs no scheduler")
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5).read()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):  # refused without credentials still means a server is there
+            raise UserError(f"PREFECT_API_URL {url} answered HTTP {e.code}; expected a Prefect server's API") from None
+    except OSError as e:
+        raise UserError(f"PREFECT_API_URL {url} is unreachable ({getattr(e, 'reason', e)}); "
+                        "expected a running `prefect server start`") from None
+    return url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.config import load_config
+
+    if bool(args.cron) == bool(args.interval):
+        raise UserError("serve: give exactly one of --cron \"MIN HOUR DOM MON DOW\" or --interval SECONDS")
+    if args.cron:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValueError:
+            raise UserError(f"--cron {args.cron!r} is not a valid cron expression; expected five fields, "
+                            "e.g. \"0 2 * * *\" for 02:00 UTC daily") from None
+    cfg = load_config(args.config, args.set)  # a bad config fails now, not at 2 a.m.
+    check_environment()
+    _prefect_defaults()
+    url = prefect_api_url()
+    from flows.pipeline import preflight, scheduled_pipeline
+
+    preflight(cfg, None)
+    config_path = str(Path(args.config).resolve()) if args.config else None
+    schedule = f"cron {args.cron!r}" if args.cron else f"every {args.interval} s"
+    print(f"serving deployment witclip-scheduled/{args.name} ({schedule}) against {url}; Ctrl-C stops it")
+    print(f"each run: run_name {cfg.run_name}-<scheduled UTC time> under {cfg.work_dir}, config re-read from "
+          f"{config_path or 'the embedded default'}")
+    scheduled_pipeline.serve(
+        name=args.name,
+        cron=args.cron or None,
+        interval=args.interval or None,
+        parameters={"config": config_path, "overrides": list(args.set)},
+        limit=1,  # runs share work_dir and the MLflow store: one at a time
+        pause_on_shutdown=True,
+    )
     return 0
 
 
@@ -261,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every stage after it")
     r.add_argument("--force", action="store_true", help="re-run stages even when complete")
     r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("serve", help="serve the pipeline on a schedule against a Prefect server (PREFECT_API_URL)")
+    s.add_argument("--cron", help='cron schedule, e.g. "0 2 * * *" (UTC)')
+    s.add_argument("--interval", type=float, help="or: a run every this many seconds")
+    s.add_argument("--config", help="pipeline YAML, re-read at each run (default: the embedded demo)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    s.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("classify", help="zero-shot classify images with a registered model")
     c.add_argument("--model", default="models:/witclip@champion", help="MLflow model URI")

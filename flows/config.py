@@ -309,8 +309,10 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         # where work runs does not change what it produces
         out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in ("scheduler_address", "processes")}
     if stage == "dedup" and cfg.dedup.decontaminate:
-        # the benchmarks decontaminated against are part of what decides the output
+        # the benchmarks decontaminated against (the generated ones) are part of what decides the output;
+        # adding a downloaded benchmark to eval.benchmarks re-runs eval, not dedup and what follows
         out["eval"] = {k: dump["eval"][k] for k in ("benchmarks", "samples_per_class", "seed")}
+        out["eval"]["benchmarks"] = [b for b in cfg.eval.benchmarks if b in SYNTHETIC_BENCHMARK_NAMES]
         out["image_size"] = cfg.web.image_size
     if stage == "train":
         # where training runs and what it reports do not change the weights (the rank count does)

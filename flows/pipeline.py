@@ -4,11 +4,16 @@ A stage is complete when `<run_dir>/<stage>/manifest.json` exists (written last,
 key — a hash of the stage's config slice, its upstream stages' output hashes and the code version —
 matches the key the stage would have now. Anything else runs: that is what makes "resume a failed run"
 and "re-run one stage" cheap and correct.
+
+Keys say nothing about the run name, so a stage that another run under the same work_dir completed with
+the same key is adopted (hard links, no copy of the bytes) instead of run again: a nightly scheduled run
+with a fresh run name re-evaluates without re-training when only the eval settings changed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import urllib.error
@@ -19,7 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from data.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
 from flows import registry, stages
@@ -42,7 +48,7 @@ ATTEMPT_FILE = ".attempt.json"  # key of an unfinished attempt: same key → res
 @dataclass
 class StageOutcome:
     stage: str
-    status: str  # "ran" | "skipped"
+    status: str  # "ran" | "skipped" (complete in this run) | "reused" (adopted from another run)
     seconds: float
     counts: dict[str, Any] = field(default_factory=dict)
 
@@ -104,6 +110,42 @@ def stage_key(cfg: PipelineConfig, stage: str) -> str:
 def is_complete(cfg: PipelineConfig, stage: str) -> bool:
     m = read_manifest(cfg.stage_dir(stage))
     return bool(m and m.get("status") == "complete" and m.get("key") == stage_key(cfg, stage))
+
+
+def find_reusable(cfg: PipelineConfig, stage: str) -> Path | None:
+    """A complete output of `stage` with the key it would have here, left by another run in work_dir."""
+    key = stage_key(cfg, stage)
+    own = cfg.stage_dir(stage).resolve()
+    for manifest_path in sorted(cfg.work_dir.glob(f"*/{stage}/manifest.json")):
+        other = manifest_path.parent
+        if other.resolve() == own:
+            continue
+        m = read_manifest(other)
+        if m and m.get("status") == "complete" and m.get("key") == key:
+            return other
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:  # complete stage outputs are never modified in place, so sharing the inode is safe
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def adopt_stage(cfg: PipelineConfig, stage: str, source: Path) -> dict:
+    """Make `source` this run's output of `stage`: hard-linked into a scratch dir, renamed into place."""
+    target = cfg.stage_dir(stage)
+    scratch = target.with_name(f".{stage}.adopting")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(source, scratch, copy_function=_link_or_copy)
+    (scratch / ATTEMPT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    manifest = dict(read_manifest(target) or {})
+    manifest["reused_from"] = str(source.resolve())
+    write_manifest(target, manifest)  # a new file replaces the shared link; the source stays as it was
+    return manifest
 
 
 def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
@@ -189,10 +231,19 @@ def execute_stage(
     if not force and existing and existing.get("status") == "complete" and existing.get("key") == key:
         print(f"[{stage}] complete, skipped")
         return StageOutcome(stage, "skipped", 0.0, existing.get("counts", {}))
+    if not force and (source := find_reusable(cfg, stage)) is not None:
+        manifest = adopt_stage(cfg, stage, source)
+        print(f"[{stage}] reused from {source} (same inputs, config and code)")
+        _stage_run(tracking_uri, run_id, stage, "reused", manifest)
+        return StageOutcome(stage, "reused", 0.0, manifest.get("counts", {}))
     _prepare_dir(stage_dir, key, force)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    counts = _run_stage(cfg, stage, web, run_id, tracking_uri)
+    try:
+        counts = _run_stage(cfg, stage, web, run_id, tracking_uri)
+    except BaseException:
+        _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": stage_config(cfg, stage)})
+        raise
     seconds = time.perf_counter() - t0
     outputs = hash_outputs(stage_dir, exclude=("manifest.json", ATTEMPT_FILE))
     manifest = {
@@ -212,13 +263,46 @@ def execute_stage(
     }
     path = write_manifest(stage_dir, manifest)
     (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
-    registry.log_stage(tracking_uri, run_id, stage, path, counts)
+    mlflow_call(registry.log_stage, tracking_uri, run_id, stage, path, counts)
     if stage == "eval":
         reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md", "results.png")]
-        registry.log_artifacts(tracking_uri, run_id, reports, "eval")
+        mlflow_call(registry.log_artifacts, tracking_uri, run_id, reports, "eval")
+    _stage_run(tracking_uri, run_id, stage, "ran", manifest, path)
     _stage_artifacts(stage, counts, seconds, run_id, tracking_uri, stage_dir)
     print(f"[{stage}] done in {seconds:.1f}s")
     return StageOutcome(stage, "ran", seconds, counts)
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry what a flaky network or a restarting server causes, never a user mistake or a bug."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError, requests.RequestException):
+        return True
+    except MlflowException as e:  # the MLflow client wraps exhausted HTTP retries and 5xx answers
+        return "API request" in str(e) or e.get_http_status_code() >= 500
+    except Exception:  # noqa: BLE001 - anything else is not transient
+        return False
+    return False
+
+
+@task(name="mlflow-call", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
+def _mlflow_task(fn, *args):
+    return fn(*args)
+
+
+def mlflow_call(fn, *args):
+    """Run an MLflow logging or registry call as a Prefect task, so transient failures are retried."""
+    return _mlflow_task.with_options(name=f"mlflow-{fn.__name__}")(fn, *args)
+
+
+def _stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict,
+               manifest_path: Path | None = None) -> None:
+    """A nested MLflow run per stage the pipeline run did something about: its key, config slice, figures."""
+    mlflow_call(registry.log_stage_run, tracking_uri, parent_run_id, stage, status, manifest, manifest_path)
 
 
 def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, tracking_uri: str, stage_dir: Path) -> None:
@@ -239,7 +323,7 @@ def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, trac
         create_markdown_artifact(key=f"{key}-mlflow", markdown=f"MLflow run `{run_id}` in `{tracking_uri}`")
 
 
-@flow(name="witclip-pipeline", log_prints=True)
+@flow(name="witclip-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str) -> list[dict]:
     tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     web = EmbeddedWeb(cfg)
@@ -249,13 +333,15 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
             if selected is not None and stage not in selected:
                 continue
             embedded = cfg.web.enabled and cfg.harvest.source == "web" and cfg.harvest.seed_url is None
-            if stage == "crawl" and embedded and not is_complete(cfg, "crawl"):
+            stage_force = force or selected is not None
+            crawls = not is_complete(cfg, "crawl") and (stage_force or find_reusable(cfg, "crawl") is None)
+            if stage == "crawl" and embedded and crawls:
                 # the harvested URLs name the port the web had then; serve it there again if we can
                 harvested = (read_manifest(cfg.stage_dir("harvest")) or {}).get("counts", {}).get("seed_url")
                 if web.seed_url(preferred=harvested) != harvested:
                     print("[crawl] the embedded web could not get its old port back: harvesting again")
                     outcomes.append(execute_stage(cfg, "harvest", web, run_id, tracking_uri, force=True))
-            outcomes.append(execute_stage(cfg, stage, web, run_id, tracking_uri, force or selected is not None))
+            outcomes.append(execute_stage(cfg, stage, web, run_id, tracking_uri, stage_force))
     finally:
         web.stop()
     return [o.__dict__ for o in outcomes]
@@ -265,7 +351,7 @@ def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: 
     """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes + run id."""
     preflight(cfg, selected)
     tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    flat = _flatten(cfg.model_dump(mode="json"))
+    flat = registry.flatten_params(cfg.model_dump(mode="json"))
     run_id = registry.get_or_create_run(
         tracking_uri, cfg.mlflow.experiment, cfg.run_name, stable_hash(cfg.model_dump(mode="json")), flat
     )
@@ -273,12 +359,23 @@ def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: 
     return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": tracking_uri}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+
+def scheduled_run_name(base: str, scheduled_at: datetime) -> str:
+    """Each scheduled run gets its own run name (and MLflow run): <run_name>-<UTC scheduled time>."""
+    return f"{base}-{scheduled_at.astimezone(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(name="witclip-scheduled", log_prints=True)
+def scheduled_pipeline(config: str | None = None, overrides: list[str] | None = None) -> list[dict]:
+    """What `witclip serve` and infra/prefect.yaml deploy. The config file is read when the run starts,
+    so an edit between runs (say, a benchmark added to eval.benchmarks) is picked up; stages whose
+    inputs did not change are reused from earlier runs under the same work_dir."""
+    from prefect.runtime import flow_run
+
+    from flows.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    cfg = cfg.model_copy(update={"run_name": scheduled_run_name(cfg.run_name, flow_run.scheduled_start_time)})
+    print(f"pipeline run {cfg.run_name} in {cfg.run_dir}")
+    result = run_pipeline(cfg)
+    return [{"stage": o["stage"], "status": o["status"]} for o in result["outcomes"]]

@@ -88,6 +88,45 @@ def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, c
     client.log_artifact(run_id, str(manifest_path), artifact_path=f"manifests/{stage}")
 
 
+def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict[str, Any],
+                  manifest_path: Path | None = None) -> str:
+    """A nested run for one stage of the pipeline run: the stage's config slice as params, its key,
+    status and provenance as tags, its figures as metrics, its manifest as an artifact."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = client.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "witclip.stage": stage, "witclip.stage_status": status,
+            "witclip.run_name": parent.data.tags.get("witclip.run_name", ""), "witclip.stage_key": manifest.get("key", "")}
+    if manifest.get("reused_from"):
+        tags["witclip.reused_from"] = manifest["reused_from"]
+    child = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{stage}", tags=tags)
+    run_id = child.info.run_id
+    flat = flatten_params(manifest.get("config", {}))
+    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    now = int(time.time() * 1000)
+    numbers = {**manifest.get("counts", {}), "seconds": manifest.get("seconds", 0.0) if status == "ran" else 0.0}
+    metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, max(len(params), len(metrics)), 100):  # MLflow caps items per batch call
+        client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+    if manifest_path is not None:
+        client.log_artifact(run_id, str(manifest_path))
+    elif status == "reused" and manifest:
+        client.log_dict(run_id, manifest, "manifest.json")
+    client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+    return run_id
+
+
+def flatten_params(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: nested config as MLflow param names."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
     for p in paths:

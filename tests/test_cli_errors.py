@@ -126,3 +126,22 @@ def test_harvest_stage_from_a_url_list_with_query_balancing(tmp_path, capsys):
     manifest = read_manifest(stage)
     assert manifest["status"] == "complete" and manifest["counts"]["over_cap"] == 2
     assert "web" not in manifest["config"] and manifest["config"]["input_files"]["urls"]
+
+
+def test_serve_mistakes_are_one_line_before_anything_is_served(tmp_path, capsys):
+    assert main(["serve", "--cron", "every night"]) == 2
+    assert "--cron 'every night' is not a valid cron expression; expected five fields" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+    assert "give exactly one of --cron" in capsys.readouterr().err
+    assert main(["serve", "--interval", "60", "--set", "train.epoch=3"]) == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([WITCLIP, "serve", "--interval", "60", "--set", f"work_dir={tmp_path / 'runs'}"],
+                         env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: PREFECT_API_URL {url} is unreachable ([Errno 111] Connection refused); "
+        "expected a running `prefect server start`"), out.stderr
+    out = subprocess.run([WITCLIP, "serve", "--interval", "60"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: serve needs a Prefect server: set PREFECT_API_URL")
+    assert not (tmp_path / "runs").exists()

@@ -288,3 +288,36 @@ def test_eval_with_no_task_data_fails_in_one_line_and_registers_nothing(pipeline
         run_pipeline(cfg, ["eval", "register"])
     assert read_manifest(cfg.stage_dir("eval")) is None  # not marked complete
     assert "not available: expected at" in (cfg.stage_dir("eval") / "summary.md").read_text()
+
+
+def test_a_new_run_name_reuses_unchanged_stages_and_reruns_what_changed(pipeline_env):
+    """A scheduled run gets a fresh run name; with only the eval settings changed it adopts harvest..train
+    from the earlier run (hard links) and runs eval and register; every stage gets a nested MLflow run."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    earlier = pipeline_env["cfg"]
+    cfg = load_config(None, pipeline_env["overrides"] + ["run_name=nightly", "eval.benchmarks=[colour,shape,count,cifar10]"])
+    result = run_pipeline(cfg)
+    statuses = {o["stage"]: o["status"] for o in result["outcomes"]}
+    assert statuses == {"harvest": "reused", "crawl": "reused", "dedup": "reused", "shard": "reused",
+                        "train": "reused", "eval": "ran", "register": "ran"}
+    weights = cfg.stage_dir("train") / "model.safetensors"
+    assert os.stat(weights).st_ino == os.stat(earlier.stage_dir("train") / "model.safetensors").st_ino
+    manifest = read_manifest(cfg.stage_dir("train"))
+    assert manifest["reused_from"] == str(earlier.stage_dir("train").resolve())
+    assert "reused_from" not in read_manifest(earlier.stage_dir("train"))  # the source manifest is untouched
+    assert _counts(result, "eval")["tasks_total"] == 4 and _counts(result, "eval")["tasks_ran"] == 3
+
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    by_stage = {r.data.tags["witclip.stage"]: r for r in children}
+    assert set(by_stage) == set(STAGES)
+    assert by_stage["train"].data.tags["witclip.stage_status"] == "reused"
+    assert by_stage["eval"].data.tags["witclip.stage_status"] == "ran" and "seconds" in by_stage["eval"].data.metrics
+    assert by_stage["eval"].data.params["eval.benchmarks"].endswith("'cifar10']")
+    assert all(r.info.status == "FINISHED" for r in children)
