@@ -6,6 +6,7 @@ unknown keys, so a typo fails before any work starts instead of being silently i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,6 +206,15 @@ class MlflowConfig(Section):
     candidate_alias: str = "candidate"  # every newly registered version
     promotion_margin: float = Field(0.005, ge=0, le=1)  # mean over common tasks must beat the champion's by this
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str) -> str:
+        # the URI is logged as a param and printed; credentials belong in the environment
+        if "://" in v and "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("expected no user:password@ in the URL; set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD in the environment instead")
+        return v
+
 
 class PipelineConfig(Section):
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -233,6 +243,8 @@ def _format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
     got = first.get("input")
+    if isinstance(got, str):  # never echo credentials someone put into a URL
+        got = re.sub(r"://[^/@]*@", "://***@", got)
     if isinstance(got, dict):  # a check across a section's keys: its message names them itself
         return f"config section '{key}' is invalid: {first['msg'].removeprefix('Value error, ')}"
     return f"config value {key}={got!r} is invalid: {first['msg'].removeprefix('Value error, ')}"

@@ -65,3 +65,10 @@ def test_stage_slices_ignore_where_work_runs():
     assert stage_config(a, "train") == stage_config(b, "train")
     c = load_config(None, ["crawl.image_size=32"])
     assert stage_config(a, "crawl") != stage_config(c, "crawl")
+
+
+def test_credentials_in_the_tracking_uri_are_refused_without_being_echoed():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["mlflow.tracking_uri=http://bob:hunter2@127.0.0.1:5000"])
+    assert "MLFLOW_TRACKING_USERNAME" in str(err.value) and "hunter2" not in str(err.value)
+    assert load_config(None, ["mlflow.tracking_uri=http://127.0.0.1:5000"]).mlflow.tracking_uri.endswith(":5000")

@@ -4,8 +4,9 @@ and a Dask scheduler with 2 worker processes, all on 127.0.0.1, stopped afterwar
 One test, in two phases that share the servers' state (starting servers and running the pipeline are
 the slow parts): first without authentication -- run the pipeline, see its runs in both web UIs through
 headless Chromium; then the same servers restarted with authentication on -- an unauthenticated client is
-refused, the pipeline with credentials from the environment re-runs eval and register, `prefect deploy`
-takes infra/prefect.yaml, and `witclip serve` starts scheduled runs that reuse every unchanged stage."""
+refused, `prefect deploy` takes infra/prefect.yaml, and `witclip serve`, with credentials from the
+environment, starts scheduled runs: the first re-evaluates on one benchmark more and registers through
+the authenticated servers, reusing harvest..train; the second reuses every stage."""
 
 from __future__ import annotations
 
@@ -82,17 +83,19 @@ def _check_uis(mlflow_url: str, prefect_url: str, run_name: str) -> None:
     experiment = parent.info.experiment_id
     shots = ARTIFACTS / "ui"
     shots.mkdir(parents=True, exist_ok=True)
-    wait_for_text(f"{mlflow_url}/#/experiments/{experiment}/runs", run_name, shots / "mlflow-runs.png")
-    dom = wait_for_text(f"{mlflow_url}/#/experiments/{experiment}/runs/{parent.info.run_id}", "train/loss",
-                        shots / "mlflow-run.png")
-    assert run_name in dom
-    runs = _prefect_api(prefect_url, "flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}}})
-    top = next(r for r in runs if r["state_type"] == "COMPLETED")
-    wait_for_text(f"{prefect_url}/runs", top["name"], shots / "prefect-runs.png")
-    dom = wait_for_text(f"{prefect_url}/runs/flow-run/{top['id']}", "[register] done", shots / "prefect-run.png")  # its logs
-    assert "witclip-pipeline" in dom
-    for png in ("mlflow-runs", "mlflow-run", "prefect-runs", "prefect-run"):
+    dom = wait_for_text(f"{mlflow_url}/#/experiments/{experiment}/runs", run_name, shots / "mlflow-runs.png")
+    assert "Training runs" in dom
+    runs = _prefect_api(prefect_url, "flow_runs/filter", {"flow_runs": {"name": {"any_": [run_name]}}})
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]  # the parent flow run is named after the pipeline run
+    dom = wait_for_text(f"{prefect_url}/runs/flow-run/{runs[0]['id']}", "[register] done", shots / "prefect-run.png")
+    assert run_name in dom and "witclip-pipeline" in dom
+    for png in ("mlflow-runs", "prefect-run"):
         assert (shots / f"{png}.png").stat().st_size > 10_000  # a drawn page, not a blank one
+
+
+def _deployments(prefect_url: str) -> dict[str, dict]:
+    return {d["name"]: d for d in _prefect_api(prefect_url, "deployments/filter", {},
+                                                auth=CREDENTIALS["PREFECT_API_AUTH_STRING"])}
 
 
 def _wait_for_scheduled_runs(prefect_url: str, deployment_id: str, n: int, timeout: float) -> list[dict]:
@@ -158,52 +161,54 @@ def test_pipeline_on_real_servers_ui_auth_and_schedule(tmp_path, monkeypatch):
             _prefect_api(prefect_url, "flow_runs/filter", {})
 
         env = {"PREFECT_API_URL": f"{prefect_url}/api", **CREDENTIALS}
-        rerun = _witclip(["run", "--config", config, *sets, "--from", "eval"], tmp_path, env)
-        assert re.search(r"^eval\s+ran\s", rerun.stdout, flags=re.M) and re.search(r"^register\s+ran\s", rerun.stdout, flags=re.M)
-        for var, value in CREDENTIALS.items():
-            monkeypatch.setenv(var, value)
-        client = MlflowClient(tracking_uri=mlflow_url)
-        versions = client.search_model_versions("name = 'witclip'")
-        assert len(versions) == 2  # registered through the authenticated server
-        assert PASSWORD not in rerun.stdout + rerun.stderr
-        parent = client.get_run(client.get_model_version("witclip", "2").run_id)
-        assert not any(PASSWORD in str(v) for v in [*parent.data.params.values(), *parent.data.tags.values()])
-
         # `prefect deploy` takes infra/prefect.yaml (a process work pool runs it; not started here)
-        subprocess.run([Path(sys.executable).parent / "prefect", "work-pool", "create", "witclip-process", "--type", "process"],
-                       cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True, timeout=120)
-        subprocess.run([Path(sys.executable).parent / "prefect", "--no-prompt", "deploy", "--prefect-file",
-                        "infra/prefect.yaml", "--all"], cwd=REPO, env={**os.environ, **env}, check=True,
-                       capture_output=True, timeout=120)
-        deployments = {d["name"]: d for d in _prefect_api(prefect_url, "deployments/filter", {}, auth=env["PREFECT_API_AUTH_STRING"])}
+        prefect_cli = Path(sys.executable).parent / "prefect"
+        for args in (["work-pool", "create", "witclip-process", "--type", "process"],
+                     ["--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"]):
+            subprocess.run([prefect_cli, *args], cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True,
+                           timeout=120)
+        deployments = _deployments(prefect_url)
         assert deployments["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         assert deployments["nightly-eval"]["entrypoint"] == "flows/pipeline.py:scheduled_pipeline"
 
-        # `witclip serve` on a short interval: each run has its own name and reuses every unchanged stage
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "15", "--config", config, *sets],
+        # `witclip serve` on a short interval, with credentials from the environment and one benchmark more
+        # than the first run: the first scheduled run re-uses harvest..train and runs eval and register
+        # through the authenticated servers; the next reuses everything
+        nightly = sets + ["--set", "eval.benchmarks=[colour,shape,count,cifar10]"]
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "15", "--config", config, *nightly],
                                  cwd=tmp_path, env={**os.environ, **env, **FAST_SCHEDULER}, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while "scheduled" not in deployments and time.monotonic() < deadline:
             time.sleep(1)
-            deployments = {d["name"]: d for d in _prefect_api(prefect_url, "deployments/filter", {}, auth=env["PREFECT_API_AUTH_STRING"])}
+            deployments = _deployments(prefect_url)
         assert "scheduled" in deployments, "witclip serve did not register its deployment"
-        done = _wait_for_scheduled_runs(prefect_url, deployments["scheduled"]["id"], 2, timeout=300)
+        _wait_for_scheduled_runs(prefect_url, deployments["scheduled"]["id"], 2, timeout=360)
         os.killpg(serve.pid, signal.SIGTERM)
         serve_log = serve.communicate(timeout=60)[0]
         assert PASSWORD not in serve_log
+
+        for var, value in CREDENTIALS.items():
+            monkeypatch.setenv(var, value)
+        client = MlflowClient(tracking_uri=mlflow_url)
         names = sorted(m.parent.parent.name for m in (tmp_path / "runs").glob("local-services-*/register/manifest.json"))
         assert len(names) >= 2 and all(re.fullmatch(r"local-services-\d{8}-\d{6}", n) for n in names), names
-        for name in names[:2]:
-            for stage in STAGES:
-                manifest = read_manifest(tmp_path / "runs" / name / stage)
-                assert manifest["status"] == "complete" and manifest["reused_from"].endswith(f"/local-services/{stage}")
+        expected = {names[0]: ["reused"] * 5 + ["ran", "ran"], names[1]: ["reused"] * 7}
+        for name, statuses in expected.items():
+            for stage, status in zip(STAGES, statuses):
+                reused_from = read_manifest(tmp_path / "runs" / name / stage).get("reused_from", "")
+                assert (status == "reused") == bool(reused_from), (name, stage)
             run = _parent_run(client, name)
             children = client.search_runs([run.info.experiment_id],
                                           filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-            assert sorted(c.data.tags["witclip.stage_status"] for c in children) == ["reused"] * len(STAGES)
-        assert len(client.search_model_versions("name = 'witclip'")) == 2  # nothing re-registered
-        assert len(done) >= 2
+            assert [c.data.tags["witclip.stage_status"] for c in sorted(children, key=lambda c: STAGES.index(
+                c.data.tags["witclip.stage"]))] == statuses, name
+            assert not any(PASSWORD in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+        version = client.get_model_version_by_alias("witclip", "candidate")
+        assert version.version == "2" and version.tags["pipeline_run_name"] == names[0]  # registered with credentials
+        evaluated = read_manifest(tmp_path / "runs" / names[0] / "eval")["counts"]
+        assert evaluated["tasks_total"] == 4 and evaluated["tasks_ran"] == 3  # cifar10 has no data here
+        assert len(client.search_model_versions("name = 'witclip'")) == 2  # the second run registered nothing
     finally:
         if serve is not None and serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)

@@ -95,3 +95,33 @@ def test_worse_model_keeps_champion_better_moves_it_and_rollback_restores(store)
     missing = subprocess.run(cli + ["promote", "99", "--tracking-uri", store["uri"]], cwd=REPO, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "no version 99" in missing.stderr
+
+
+def test_mlflow_calls_retry_transient_failures_only(prefect_harness):
+    """A dropped connection is retried as a Prefect task; a bug is not."""
+    from prefect import flow
+
+    from flows.pipeline import _mlflow_task
+
+    calls = {"flaky": 0, "bug": 0}
+
+    def flaky(n_failures: int) -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] <= n_failures:
+            raise ConnectionError("connection reset by peer")
+        return "logged"
+
+    def bug() -> None:
+        calls["bug"] += 1
+        raise KeyError("run_id")
+
+    @flow
+    def calls_mlflow() -> str:
+        quick = _mlflow_task.with_options(retry_delay_seconds=0)
+        result = quick(flaky, 2)
+        with pytest.raises(KeyError):
+            quick(bug)
+        return result
+
+    assert calls_mlflow() == "logged"
+    assert calls == {"flaky": 3, "bug": 1}
