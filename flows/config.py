@@ -326,12 +326,35 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         out["eval"] = {k: dump["eval"][k] for k in ("benchmarks", "samples_per_class", "seed")}
         out["eval"]["benchmarks"] = [b for b in cfg.eval.benchmarks if b in SYNTHETIC_BENCHMARK_NAMES]
         out["image_size"] = cfg.web.image_size
+    if stage == "eval":
+        # benchmark data fetched or converted after the last eval counts as a change (a cheap fingerprint:
+        # where each task's data lies, its file count, size and newest mtime -- not its bytes)
+        out["data"] = _benchmark_data_fingerprint(cfg)
     if stage == "train":
         # where training runs and what it reports do not change the weights (the rank count does)
         out["train"] = {k: v for k, v in out["train"].items() if k not in (
             "num_workers", "log_every", "node_rank", "rdzv_endpoint", "progress",
             "system_metrics_interval", "eval_every", "keep_checkpoints", "checkpoint_every")}
     return out
+
+
+def _benchmark_data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
+    from data.benchmarks.registry import locate
+
+    roots = [Path(r) for r in cfg.eval.data_roots]
+    found: dict[str, Any] = {}
+    for name in cfg.eval.benchmarks:
+        if name in SYNTHETIC_BENCHMARK_NAMES or not roots:
+            continue  # generated from eval.seed, already in the key
+        loc = locate(name, roots)
+        if loc is None:
+            found[name] = None
+            continue
+        files = [loc.path] if loc.path.is_file() else [f for f in loc.path.rglob("*") if f.is_file()]
+        stats = [f.stat() for f in files]
+        found[name] = {"path": str(loc.path.resolve()), "kind": loc.kind, "files": len(stats),
+                       "bytes": sum(st.st_size for st in stats), "newest": max((st.st_mtime_ns for st in stats), default=0)}
+    return found
 
 
 def _content_hash(path: str) -> str:

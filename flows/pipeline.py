@@ -241,8 +241,11 @@ def execute_stage(
     t0 = time.perf_counter()
     try:
         counts = _run_stage(cfg, stage, web, run_id, tracking_uri)
-    except BaseException:
-        _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": stage_config(cfg, stage)})
+    except Exception:
+        try:  # recording the failure must not hide it
+            _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": stage_config(cfg, stage)})
+        except Exception as log_error:  # noqa: BLE001
+            print(f"[{stage}] could not record the failure in MLflow: {log_error}")
         raise
     seconds = time.perf_counter() - t0
     outputs = hash_outputs(stage_dir, exclude=("manifest.json", ATTEMPT_FILE))
@@ -357,7 +360,6 @@ def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: 
     )
     outcomes = pipeline_flow(cfg, selected, force, run_id)
     return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": tracking_uri}
-
 
 
 def scheduled_run_name(base: str, scheduled_at: datetime) -> str:

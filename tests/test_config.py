@@ -72,3 +72,20 @@ def test_credentials_in_the_tracking_uri_are_refused_without_being_echoed():
         load_config(None, ["mlflow.tracking_uri=http://bob:hunter2@127.0.0.1:5000"])
     assert "MLFLOW_TRACKING_USERNAME" in str(err.value) and "hunter2" not in str(err.value)
     assert load_config(None, ["mlflow.tracking_uri=http://127.0.0.1:5000"]).mlflow.tracking_uri.endswith(":5000")
+
+
+def test_eval_key_changes_when_benchmark_data_arrives(tmp_path):
+    """A nightly re-evaluation must not reuse yesterday's eval once new benchmark data is there."""
+    from data.benchmarks.registry import get_task
+
+    cfg = load_config(None, ["eval.benchmarks=[colour,cifar10]", f"eval.data_roots=[{tmp_path}]"])
+    before = stage_config(cfg, "eval")
+    assert before["data"] == {"cifar10": None}
+    split = tmp_path / get_task("cifar10").wds_dirs[0] / "test"
+    split.mkdir(parents=True)
+    (split / "0.tar").write_bytes(b"x" * 10)
+    after = stage_config(cfg, "eval")
+    assert after["data"]["cifar10"]["files"] == 1 and after["data"]["cifar10"]["bytes"] == 10
+    (split / "1.tar").write_bytes(b"y" * 5)
+    assert stage_config(cfg, "eval")["data"]["cifar10"]["bytes"] == 15
+    assert stage_config(cfg, "dedup") == stage_config(load_config(None, ["eval.benchmarks=[colour]"]), "dedup")
