@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from data.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
 from flows import registry, stages
 from flows.config import STAGES, PipelineConfig, stage_config
 from flows.errors import UserError
+from flows.retries import mlflow_call
 
 CODE_VERSION = "0.1.0"
 UPSTREAM: dict[str, tuple[str, ...]] = {
@@ -274,32 +274,6 @@ def execute_stage(
     _stage_artifacts(stage, counts, seconds, run_id, tracking_uri, stage_dir)
     print(f"[{stage}] done in {seconds:.1f}s")
     return StageOutcome(stage, "ran", seconds, counts)
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry what a flaky network or a restarting server causes, never a user mistake or a bug."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    try:
-        state.result()
-    except (ConnectionError, TimeoutError, requests.RequestException):
-        return True
-    except MlflowException as e:  # the MLflow client wraps exhausted HTTP retries and 5xx answers
-        return "API request" in str(e) or e.get_http_status_code() >= 500
-    except Exception:  # noqa: BLE001 - anything else is not transient
-        return False
-    return False
-
-
-@task(name="mlflow-call", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
-def _mlflow_task(fn, *args):
-    return fn(*args)
-
-
-def mlflow_call(fn, *args):
-    """Run an MLflow logging or registry call as a Prefect task, so transient failures are retried."""
-    return _mlflow_task.with_options(name=f"mlflow-{fn.__name__}")(fn, *args)
 
 
 def _stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict,

@@ -20,6 +20,8 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from flows.retries import mlflow_call
+
 # A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
 # tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz for imported OpenAI weights).
 MODEL_FILES = ("model.safetensors", "config.json")
@@ -305,6 +307,11 @@ def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_nam
     return str(info.registered_model_version)
 
 
+def _tag_version(client: MlflowClient, model_name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+
+
 def register_model(
     *,
     train_dir: Path,
@@ -332,14 +339,14 @@ def register_model(
     for name, r in ran.items():
         tags[f"score.{name}"] = repr(float(r["value"]))  # full precision: the gate compares them
         tags[f"metric.{name}"] = r["metric"]
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, str(value))
-    holder = _alias_holder(client, model_name, alias)
+    # from here on every call is idempotent, so a transient failure is retried (flows.retries)
+    mlflow_call(_tag_version, client, model_name, version, tags)
+    holder = mlflow_call(_alias_holder, client, model_name, alias)
     decision = promotion_decision({n: float(r["value"]) for n, r in ran.items()},
                                   version_scores(holder) if holder is not None else None, margin)
-    client.set_registered_model_alias(model_name, candidate_alias, version)
+    mlflow_call(client.set_registered_model_alias, model_name, candidate_alias, version)
     if decision["promoted"]:
-        move_alias(client, model_name, alias, version)
+        mlflow_call(move_alias, client, model_name, alias, version)
     decision.update({
         "model_name": model_name,
         "version": version,
@@ -352,8 +359,8 @@ def register_model(
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model_version.json").write_text(json.dumps(decision, indent=2))
-    client.log_dict(run_id, decision, "register/decision.json")
-    client.set_tag(run_id, "register.decision", decision["reason"])
+    mlflow_call(client.log_dict, run_id, decision, "register/decision.json")
+    mlflow_call(client.set_tag, run_id, "register.decision", decision["reason"])
     print(f"[register] version {version}: @{candidate_alias}; @{alias} "
           f"{'moved to it' if decision['promoted'] else 'unchanged'} ({decision['reason']})")
     return {"version": int(version), "mean_score": mean_score, "promoted": int(decision["promoted"])}

@@ -101,7 +101,7 @@ def test_mlflow_calls_retry_transient_failures_only(prefect_harness):
     """A dropped connection is retried as a Prefect task; a bug is not."""
     from prefect import flow
 
-    from flows.pipeline import _mlflow_task
+    from flows.retries import _mlflow_task
 
     calls = {"flaky": 0, "bug": 0}
 
