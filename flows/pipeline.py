@@ -234,7 +234,7 @@ def execute_stage(
     if not force and (source := find_reusable(cfg, stage)) is not None:
         manifest = adopt_stage(cfg, stage, source)
         print(f"[{stage}] reused from {source} (same inputs, config and code)")
-        _stage_run(tracking_uri, run_id, stage, "reused", manifest)
+        _stage_run(tracking_uri, run_id, stage, "reused", manifest, stage_dir / "manifest.json")
         return StageOutcome(stage, "reused", 0.0, manifest.get("counts", {}))
     _prepare_dir(stage_dir, key, force)
     started = datetime.now(timezone.utc)
@@ -300,6 +300,11 @@ def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, trac
         create_markdown_artifact(key=f"{key}-mlflow", markdown=f"MLflow run `{run_id}` in `{tracking_uri}`")
 
 
+def _crawl_will_run(cfg: PipelineConfig, force: bool) -> bool:
+    """Whether the crawl needs the embedded web: not complete here, and not adoptable from another run."""
+    return not is_complete(cfg, "crawl") and (force or find_reusable(cfg, "crawl") is None)
+
+
 @flow(name="witclip-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str) -> list[dict]:
     tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -311,8 +316,7 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
                 continue
             embedded = cfg.web.enabled and cfg.harvest.source == "web" and cfg.harvest.seed_url is None
             stage_force = force or selected is not None
-            crawls = not is_complete(cfg, "crawl") and (stage_force or find_reusable(cfg, "crawl") is None)
-            if stage == "crawl" and embedded and crawls:
+            if stage == "crawl" and embedded and _crawl_will_run(cfg, stage_force):
                 # the harvested URLs name the port the web had then; serve it there again if we can
                 harvested = (read_manifest(cfg.stage_dir("harvest")) or {}).get("counts", {}).get("seed_url")
                 if web.seed_url(preferred=harvested) != harvested:

@@ -110,10 +110,8 @@ def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow caps items per batch call
         client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
-    if manifest_path is not None:
+    if manifest_path is not None:  # none for a failed stage: it wrote no manifest
         client.log_artifact(run_id, str(manifest_path))
-    elif status == "reused" and manifest:
-        client.log_dict(run_id, manifest, "manifest.json")
     client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
     return run_id
 
