@@ -36,15 +36,15 @@ import img2dataset  # noqa: E402,F401
 import pandas as pd  # noqa: E402
 
 from data.crawl import crawl  # noqa: E402
-from data.fetch import FetchPolicy  # noqa: E402
-from data.web import SiteSpec, build_site  # noqa: E402
+from data.crawl.fetch import FetchPolicy  # noqa: E402
+from data.synthetic import SiteSpec, build_site  # noqa: E402
 
 PROCESSES, THREADS, SHARD_SIZE, IMAGE_SIZE, TIMEOUT = 2, 16, 1000, 64, 10.0
 IMAGES_PER_PAGE = 16
 
 SERVER = """
 import sys, time
-from data.web import SiteSpec, SyntheticWeb
+from data.synthetic import SiteSpec, SyntheticWeb
 spec = SiteSpec(seed=int(sys.argv[1]), n_pages=int(sys.argv[2]), images_per_page={ipp}, fault_rate=0.0)
 web = SyntheticWeb(spec)
 print(web.start(), flush=True)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from data.phash import (  # noqa: E402
+from data.dedup.phash import (  # noqa: E402
     DEFAULT_MAX_DISTANCE,
     brute_force_pairs,
     near_duplicate_pairs,
@@ -59,7 +59,7 @@ def recall(found: np.ndarray, planted: np.ndarray, n: int) -> float:
 
 
 def start_cluster(tuned: bool):
-    """A 2-process LocalCluster; `tuned` drops the nanny's MALLOC_TRIM_THRESHOLD_ (see data.phash._BATCH)."""
+    """A 2-process LocalCluster; `tuned` drops the nanny's MALLOC_TRIM_THRESHOLD_ (see data.dedup.phash._BATCH)."""
     import dask
     from distributed import Client, LocalCluster
 

@@ -7,7 +7,7 @@
 (``make bench`` runs every script in bench/.)
 
 Data: the synthetic "colour" benchmark (6 classes, 7 prompt templates) written by
-``data.benchmarks.synthetic.build_synthetic_benchmark`` into a temporary directory, in
+``data.eval.synthetic.build_synthetic_benchmark`` into a temporary directory, in
 CLIP_benchmark's webdataset layout (``classnames.txt``, ``zeroshot_classification_templates.txt``,
 ``test/nshards.txt``, one ``test/0.tar`` of ``<key>.jpg`` + ``<key>.cls``). Both sides read that
 very directory.
@@ -20,7 +20,7 @@ serve both sides; CLIP_benchmark gets it as ``lambda texts: tok(texts, context_l
 What is timed, per evaluation of the whole dataset, wall clock around the library's entry point
 (classifier building included on both sides, nothing cached between evaluations):
 
-* witclip: ``data.evaluate.evaluate_suite(model, tok, ["colour"], [root], out_dir, ...)`` --
+* witclip: ``data.eval.suite.evaluate_suite(model, tok, ["colour"], [root], out_dir, ...)`` --
   registry lookup, opening and indexing the tar, the sha256 fingerprints of the weights and of the
   data, the text classifier (``cache_dir=None``: rebuilt every time), image encoding through a
   DataLoader, the metrics, and writing results.json/.csv/summary.md/results.png. Its own
@@ -105,7 +105,7 @@ def _lines(path: Path) -> list[str]:
 
 def build_inputs(tmp: Path, samples_per_class: int, seed: int = 0):
     """(dataset dir, classnames, templates, model, tokenizer) -- the model has random weights."""
-    from data.benchmarks.synthetic import build_synthetic_benchmark
+    from data.eval.synthetic import build_synthetic_benchmark
 
     image_size = clip.get_config("tiny").vision.image_size
     root = build_synthetic_benchmark(DATASET, tmp / "benchmarks", seed, samples_per_class, image_size)
@@ -147,7 +147,7 @@ def reshard(src: Path, dst: Path, nshards: int) -> Path:
 def eval_witclip(model, tok, root: Path, out_dir: Path, *, batch_size: int, workers: int,
                  save_predictions: bool = False) -> tuple[float, dict]:
     """(wall seconds, the task's entry of evaluate_suite's report)."""
-    from data.evaluate import evaluate_suite
+    from data.eval.suite import evaluate_suite
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # its one "[eval] colour: ..." line per call

@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/loader.py
 
-Generates 5,000 synthetic (image, caption) pairs (data.web's scenes, 64x64 JPEG) as webdataset
+Generates 5,000 synthetic (image, caption) pairs (data.synthetic's scenes, 64x64 JPEG) as webdataset
 shards in write_shards' layout (5 x train-NNNNNN.tar + sizes.json) in a temp dir, trains the
 byte-level BPE tokenizer on their captions, then times
 
-* the loader (data.loader.build_train_loader with clip.transform.train_transform and the
+* the loader (data.shards.loader.build_train_loader with clip.transform.train_transform and the
   tokenizer, exactly what training uses), a full epoch per round -- worker start-up and the
   shuffle-buffer fill included -- for num_workers=0 and num_workers=2;
 * the trainer: the ``tiny`` model's forward + ClipLoss + backward + AdamW step on a batch from that
@@ -40,8 +40,8 @@ import clip  # noqa: E402
 from clip.loss import ClipLoss  # noqa: E402
 from clip.tokenizer import CaptionTokenizer, train_caption_tokenizer  # noqa: E402
 from clip.transform import train_transform  # noqa: E402
-from data.loader import build_train_loader  # noqa: E402
-from data.web import describe_scene, encode_jpeg, random_scene, render_scene  # noqa: E402
+from data.shards.loader import build_train_loader  # noqa: E402
+from data.synthetic import describe_scene, encode_jpeg, random_scene, render_scene  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 N_SAMPLES = 5000

@@ -25,7 +25,7 @@ Checkpoints (``out_dir/checkpoints/step-<step>.pt``, every ``checkpoint_every`` 
 epoch end, newest ``keep_checkpoints`` kept) hold the model, optimizer, scheduler, scaler, step,
 and per rank its RNG states and the loader position, so a killed run resumes mid-epoch at the
 exact next batch. ``make_batches(epoch, start)`` receives ``start`` = None for a fresh epoch, the
-position a batch iterable reported through ``.position()`` (e.g. ``data.loader.TrainLoader``), or
+position a batch iterable reported through ``.position()`` (e.g. ``data.shards.loader.TrainLoader``), or
 else the number of micro-batches already consumed this epoch, which the callee must skip.
 """
 

@@ -189,7 +189,7 @@ def _data_roots(roots: list[str] | None) -> list[Path]:
 
 
 def cmd_benchmarks(args: argparse.Namespace) -> int:
-    from data.benchmarks.registry import load_tasks, locate
+    from data.eval.registry import load_tasks, locate
 
     if args.action == "convert":
         return cmd_convert(args)
@@ -212,8 +212,8 @@ def cmd_benchmarks(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from data.benchmarks.convert import convert_to_wds, imagefolder, load_dataset_object
-    from data.benchmarks.registry import get_task
+    from data.eval.convert import convert_to_wds, imagefolder, load_dataset_object
+    from data.eval.registry import get_task
 
     if bool(args.folder) == bool(args.dataset):
         raise UserError("benchmarks convert: give exactly one of --folder DIR or --dataset module:callable")
@@ -233,7 +233,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from data.evaluate import evaluate_suite, load_model_for_eval
+    from data.eval.suite import evaluate_suite, load_model_for_eval
 
     tasks = select_tasks(args.tasks)
     roots = _data_roots(args.data_root)
@@ -301,10 +301,23 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from data.web import main as web_main
+    """Serve a synthetic web until Ctrl-C."""
+    import json
+    import time
 
-    argv = ["--seed", str(args.seed), "--pages", str(args.pages), "--port", str(args.port)]
-    web_main(argv)
+    from data.synthetic import SiteSpec, SyntheticWeb
+
+    web = SyntheticWeb(SiteSpec(seed=args.seed, n_pages=args.pages), port=args.port)
+    try:
+        # Print inside the try: a Ctrl-C right after the line appears must still exit cleanly.
+        seed_url = web.start()
+        print(f"serving synthetic web at {seed_url} {json.dumps(web.site.stats())}", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        web.stop()
     return 0
 
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
-from data.phash import DEFAULT_MAX_DISTANCE
+from data.crawl.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
+from data.dedup.phash import DEFAULT_MAX_DISTANCE
 from flows.errors import UserError
 
 STAGES: tuple[str, ...] = ("harvest", "crawl", "dedup", "shard", "train", "eval", "register")
@@ -185,7 +185,7 @@ class EvalConfig(Section):
     @field_validator("benchmarks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        from data.benchmarks.registry import load_tasks, suggest_task_names
+        from data.eval.registry import load_tasks, suggest_task_names
 
         known = load_tasks()
         for name in v:
@@ -339,7 +339,7 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 
 
 def _benchmark_data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
-    from data.benchmarks.registry import locate
+    from data.eval.registry import locate
 
     roots = [Path(r) for r in cfg.eval.data_roots]
     found: dict[str, Any] = {}
@@ -359,7 +359,7 @@ def _benchmark_data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _content_hash(path: str) -> str:
     """sha256 of a file, or of a directory's files (names and contents, sorted); '' if missing."""
-    from data.manifest import file_sha256, stable_hash
+    from data.common.manifest import file_sha256, stable_hash
 
     p = Path(path)
     if p.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 from flows.errors import UserError
 
 MAX_WORKERS = 64
-# = data.benchmarks.fetch.DEFAULT_MIRROR / HF_TEMPLATE, repeated so building the CLI parser imports nothing
+# = data.acquire.benchmarks.DEFAULT_MIRROR / HF_TEMPLATE, repeated so building the CLI parser imports nothing
 DEFAULT_MIRROR = "https://huggingface.co/datasets/clip-benchmark"
 HF_TEMPLATE = "{mirror}/{repo}/resolve/main/{path}"
 
@@ -39,7 +39,7 @@ def _check_workers(workers: int) -> None:
 
 def select_tasks(spec: str) -> list[str]:
     """'all', a group name (paper, shift, retrieval, synthetic) or comma-separated task names."""
-    from data.benchmarks.registry import get_task, load_tasks
+    from data.eval.registry import get_task, load_tasks
 
     tasks = load_tasks()
     groups = {t.group for t in tasks.values()}
@@ -62,7 +62,7 @@ def select_tasks(spec: str) -> list[str]:
 
 def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: str, workers: int) -> int:
     """Fetch the selected tasks' CLIP_benchmark webdataset files into data_root; print one row per task."""
-    from data.benchmarks.fetch import (
+    from data.acquire.benchmarks import (
         DEFAULT_MIRROR,
         HF_TEMPLATE,
         PLAIN_TEMPLATE,
@@ -70,7 +70,7 @@ def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: 
         check_mirror,
         fetch_benchmarks,
     )
-    from data.download import DownloadError
+    from data.acquire.download import DownloadError
 
     if not data_root:
         raise UserError("benchmarks fetch: --data-root DIR is required (where the datasets go)")
@@ -115,8 +115,8 @@ def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: 
 def cmd_urls_fetch(base_url: str, files: list[str], list_file: str | None, out: str, workers: int,
                    url_col: str | None = None, caption_col: str | None = None) -> int:
     """Download URL list shards named by `files` and/or `list_file` from base_url into `out`."""
-    from data.download import DownloadError
-    from data.urls_fetch import fetch_url_lists, read_list_file
+    from data.acquire.download import DownloadError
+    from data.acquire.url_lists import fetch_url_lists, read_list_file
 
     if not out:
         raise UserError("urls fetch: --out DIR is required (where the lists go)")

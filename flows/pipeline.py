@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from prefect import flow
 
-from data.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
+from data.common.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
 from flows import registry, stages
 from flows.config import STAGES, PipelineConfig, stage_config
 from flows.errors import UserError
@@ -62,7 +62,7 @@ class EmbeddedWeb:
 
     def seed_url(self, preferred: str | None = None) -> str:
         if self.server is None:
-            from data.web import SiteSpec, SyntheticWeb
+            from data.synthetic import SiteSpec, SyntheticWeb
 
             w = self.cfg.web
             spec = SiteSpec(

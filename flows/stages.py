@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from data.fetch import FetchPolicy
+from data.crawl.fetch import FetchPolicy
 
 from flows.config import PipelineConfig
 from flows.errors import UserError
@@ -23,7 +23,7 @@ from flows.errors import UserError
 @flow(name="harvest", log_prints=True)
 def harvest_flow(cfg: PipelineConfig, seed_url: str | None) -> dict[str, Any]:
     from data.harvest import harvest_site, harvest_url_list, harvest_warc
-    from data.queries import load_queries
+    from data.harvest.queries import load_queries
 
     h = cfg.harvest
     out = cfg.stage_dir("harvest")
@@ -109,7 +109,7 @@ def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
 def synthetic_benchmarks(cfg: PipelineConfig) -> dict[str, Path]:
     """The synthetic eval benchmarks among eval.benchmarks (generated from eval.seed, idempotent),
     {name: root}; dedup decontaminates against these."""
-    from data.benchmarks.synthetic import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark
+    from data.eval.synthetic import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark
 
     e = cfg.eval
     return {
@@ -159,8 +159,8 @@ HELDOUT_BENCHMARK = "colour"  # the periodic mid-training check; generated from 
 @flow(name="train", log_prints=True)
 def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """Train the caption tokenizer, then launch the DDP training engine through torchrun."""
-    from data.benchmarks.synthetic import build_synthetic_benchmark
-    from data.training import train_tokenizer
+    from data.eval.synthetic import build_synthetic_benchmark
+    from data.shards.tokenizer import train_tokenizer
 
     t = cfg.train
     out_dir = cfg.stage_dir("train")
@@ -202,7 +202,7 @@ def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> di
 @flow(name="eval", log_prints=True)
 def eval_flow(cfg: PipelineConfig) -> dict[str, Any]:
     """Score the trained model on every task in eval.benchmarks that has data; reports in eval/."""
-    from data.evaluate import evaluate_suite, load_model_for_eval, read_overlap
+    from data.eval.suite import evaluate_suite, load_model_for_eval, read_overlap
 
     e = cfg.eval
     generated = synthetic_benchmarks(cfg)
@@ -233,7 +233,7 @@ def register_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) ->
     results_path = cfg.stage_dir("eval") / "results.json"
     if not results_path.is_file():
         raise UserError(f"{results_path} is missing: run the eval stage before register")
-    from data.manifest import read_manifest
+    from data.common.manifest import read_manifest
 
     train_manifest = read_manifest(cfg.stage_dir("train")) or {}
     lineage = {

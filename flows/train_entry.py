@@ -1,6 +1,6 @@
 """torchrun entry point: `python -m torch.distributed.run ... -m flows.train_entry spec.json`.
 
-Wires the pieces together on every rank -- model from `clip`, the webdataset loader from `data.loader`,
+Wires the pieces together on every rank -- model from `clip`, the webdataset loader from `data.shards.loader`,
 the engine `clip.train.train` -- and, on rank 0, sends the engine's metrics, checkpoints and the
 machine's system metrics to the pipeline's MLflow run (by run id: MLflow's active run is thread-local).
 """
@@ -21,7 +21,7 @@ from clip import create_model
 from clip.tokenizer import CaptionTokenizer
 from clip.train import TrainConfig, TrainingDiverged, train
 from clip.transform import train_transform
-from data.loader import build_train_loader
+from data.shards.loader import build_train_loader
 
 
 class MlflowMetricSink:
@@ -80,7 +80,7 @@ def _system_metrics(mlflow_spec: dict[str, Any], interval: float, node_rank: int
 def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_length: int):
     """The periodic held-out check: top-1 on a small benchmark that is neither trained on nor the
     final eval set."""
-    from data.evaluate import score_model
+    from data.eval.suite import score_model
 
     root = Path(spec["root"])
     name = spec.get("name", root.name)

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 from flows.errors import UserError
 
 DEFAULT_OUT = Path("runs") / "imports"
-MANIFEST_NAME = ".witclip-fetch.json"  # data.download's record of what was downloaded, with sha256s
+MANIFEST_NAME = ".witclip-fetch.json"  # data.acquire.download's record of what was downloaded, with sha256s
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -47,7 +47,7 @@ def fetch(source: str, downloads: Path, *, what: str, progress: bool = True) -> 
     """A local file as is; an http(s) URL downloaded (resumably) under `downloads`. One-line UserError
     for a missing file, an unsupported scheme or a failed download (the message names the host)."""
     if _is_url(source):
-        from data.download import DownloadError, download_files
+        from data.acquire.download import DownloadError, download_files
 
         dest = _url_dest(source, downloads)
         dest.parent.mkdir(parents=True, exist_ok=True)

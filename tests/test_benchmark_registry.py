@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.benchmarks.metrics import compute_metric
-from data.benchmarks.registry import (
+from data.eval.metrics import compute_metric
+from data.eval.registry import (
     GROUPS,
     LOCATION_KINDS,
     METRICS,
@@ -26,7 +26,7 @@ from data.benchmarks.registry import (
     load_tasks,
     locate,
 )
-from data.benchmarks.synthetic import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark
+from data.eval.synthetic import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark
 
 # CLIP paper Table 11 (shared/REFERENCE.md, "Zero-shot suite"): classes, metric, ViT-B/32, ViT-L/14.
 PAPER_27 = {

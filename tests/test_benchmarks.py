@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.benchmarks import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark, load_wds_benchmark
-from data.web import COLOURS, SiteSpec, build_site
+from data.eval import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark, load_wds_benchmark
+from data.synthetic import COLOURS, SiteSpec, build_site
 
 SEED = 0
 PER_CLASS = 12

@@ -107,7 +107,7 @@ def test_url_list_mistakes_are_caught_before_any_stage(tmp_path, capsys):
 def test_harvest_stage_from_a_url_list_with_query_balancing(tmp_path, capsys):
     import pandas as pd
 
-    from data.manifest import read_manifest
+    from data.common.manifest import read_manifest
 
     lst = tmp_path / "pairs.tsv"
     rows = ["url\tcaption"] + [f"http://example.com/{i}.jpg\ta red cat number {i}" for i in range(5)] + [

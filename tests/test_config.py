@@ -76,7 +76,7 @@ def test_credentials_in_the_tracking_uri_are_refused_without_being_echoed():
 
 def test_eval_key_changes_when_benchmark_data_arrives(tmp_path):
     """A nightly re-evaluation must not reuse yesterday's eval once new benchmark data is there."""
-    from data.benchmarks.registry import get_task
+    from data.eval.registry import get_task
 
     cfg = load_config(None, ["eval.benchmarks=[colour,cifar10]", f"eval.data_roots=[{tmp_path}]"])
     before = stage_config(cfg, "eval")

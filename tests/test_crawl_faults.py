@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from data.crawl import STATUS_FILE, crawl
-from data.fetch import FetchPolicy
-from data.web import ALL_FAULT_KINDS, CountingServer, SiteSpec, SyntheticWeb
+from data.crawl.fetch import FetchPolicy
+from data.synthetic import ALL_FAULT_KINDS, SiteSpec, SyntheticWeb
+from support.servers import CountingServer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from data.crawl import STATUS_FILE, crawl, shard_parquets
 from data.dedup import dedup
-from data.fetch import FetchPolicy
+from data.crawl.fetch import FetchPolicy
 from data.harvest import harvest_site
-from data.manifest import file_sha256, hash_outputs, read_manifest, stable_hash, write_manifest
+from data.common.manifest import file_sha256, hash_outputs, read_manifest, stable_hash, write_manifest
 from data.shards import count_samples, shard_paths, write_shards
 
 N_IMAGES = 40
@@ -334,7 +334,7 @@ def test_download_image_speaks_img2dataset(site):
     """Our drop-in for img2dataset's download_image returns what its Downloader expects:
     (key, stream, None) on success and (key, None, reason code) on failure."""
     from data.crawl import make_download_image
-    from data.fetch import Fetcher
+    from data.crawl.fetch import Fetcher
 
     _, base = site
     download = make_download_image(Fetcher(POLICY))

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from data.benchmarks.synthetic import build_synthetic_benchmark
+from data.eval.synthetic import build_synthetic_benchmark
 from data.dedup import dedup
-from data.manifest import hash_outputs
+from data.common.manifest import hash_outputs
 from data.shards import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -183,14 +183,14 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
 
 
 def test_search_on_dask_gives_the_same_result(tmp_path, scheduler, monkeypatch):
-    import data.dedup
+    import data.dedup.dedup as dedup_module
 
     base = [_photo(4000 + i) for i in range(40)]
     samples = [(f"http://example.com/{i}.jpg", f"p {i}", _jpeg(img)) for i, img in enumerate(base)]
     samples += [(f"http://copy.example.com/{i}.jpg", f"c {i}", _jpeg(base[i], 50)) for i in range(0, 40, 4)]
     _write_crawl(tmp_path / "crawl", samples)
     local = dedup(tmp_path / "crawl", tmp_path / "local", scheduler_address=scheduler)
-    monkeypatch.setattr(data.dedup, "DASK_SEARCH_MIN", 0)  # force the distributed search at this size
+    monkeypatch.setattr(dedup_module, "DASK_SEARCH_MIN", 0)  # force the distributed search at this size
     distributed = dedup(tmp_path / "crawl", tmp_path / "dask", scheduler_address=scheduler)
     assert local == distributed and local["dropped_near_duplicate"] == 10
     assert (pd.read_parquet(tmp_path / "local" / "dropped.parquet")

@@ -21,8 +21,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
 
 import clip
-from data.benchmarks.registry import get_task, load_tasks
-from data.evaluate import evaluate_suite, load_model_for_eval
+from data.eval.registry import get_task, load_tasks
+from data.eval.suite import evaluate_suite, load_model_for_eval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_sklearn_digits_converted_with_our_command_then_evaluated(model_dir, tmp
     """A real labelled image set from a PyPI package, through `witclip benchmarks convert` and `witclip eval`."""
     witclip = [sys.executable, "-m", "flows.cli"]
     wds = tmp_path / "data" / get_task("mnist").wds_dirs[0]
-    conv = subprocess.run(witclip + ["benchmarks", "convert", "--dataset", "data.benchmarks.convert:sklearn_digits",
+    conv = subprocess.run(witclip + ["benchmarks", "convert", "--dataset", "data.eval.convert:sklearn_digits",
                                      "--task", "mnist", "--out", str(wds)], cwd=REPO, capture_output=True, text=True)
     assert conv.returncode == 0, conv.stderr[-2000:]
     assert "wrote 1797 samples, 10 classes" in conv.stdout
@@ -246,8 +246,8 @@ def test_eval_command_rejects_bad_input_in_one_line(tmp_path):
 
 def test_imagefolder_with_numbered_class_folders_keeps_the_numbers_as_labels(tmp_path):
     """ImageNetV2-style folders 0..99: sorted as strings "10" comes before "2"; the label must be the number."""
-    from data.benchmarks.registry import locate
-    from data.benchmarks.sources import open_task_data
+    from data.eval.registry import locate
+    from data.eval.sources import open_task_data
 
     task = get_task("cifar100")
     test = tmp_path / task.wds_dirs[-1] / "test"
@@ -266,7 +266,7 @@ def test_imagefolder_with_numbered_class_folders_keeps_the_numbers_as_labels(tmp
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_index_equals_tarfile(tmp_path, fmt):
     """The fast header walk gives tarfile's (name, offset, size) list, long names and pax included."""
-    from data.benchmarks.sources import _tar_members
+    from data.eval.sources import _tar_members
 
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=fmt) as tar:

@@ -1,4 +1,4 @@
-"""data.fetch: the address guard, caps, deadline and politeness of the image fetcher, against a
+"""data.crawl.fetch: the address guard, caps, deadline and politeness of the image fetcher, against a
 loopback server on 127.0.0.1 (allowed) and a counting server on 127.0.0.2 (forbidden)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from data.fetch import FetchError, Fetcher, FetchPolicy, classify_address
+from data.crawl.fetch import FetchError, Fetcher, FetchPolicy, classify_address
 
 
 def _jpeg(size: tuple[int, int] = (32, 24)) -> bytes:

@@ -1,4 +1,4 @@
-"""Benchmark and URL-list fetching from mirrors (data.download, data.benchmarks.fetch, data.urls_fetch,
+"""Benchmark and URL-list fetching from mirrors (data.acquire.download, data.acquire.benchmarks, data.acquire.url_lists,
 flows.fetch_cmd) against loopback HTTP servers started here: a directory laid out like the public
 CLIP_benchmark mirror (10-class cifar10 stand-in, 3 tars), served by a handler that honours Range
 requests or one that ignores them. Nothing leaves 127.0.0.1."""
@@ -27,11 +27,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data.benchmarks.fetch import FETCH_MANIFEST, PLAIN_TEMPLATE, fetch_benchmarks
-from data.benchmarks.registry import get_task, locate
-from data.benchmarks.sources import open_task_data
-from data.download import DownloadError, HostUnreachable, download_files
-from data.urls_fetch import fetch_url_lists
+from data.acquire.benchmarks import FETCH_MANIFEST, PLAIN_TEMPLATE, fetch_benchmarks
+from data.eval.registry import get_task, locate
+from data.eval.sources import open_task_data
+from data.acquire.download import DownloadError, HostUnreachable, download_files
+from data.acquire.url_lists import fetch_url_lists
 from flows.errors import UserError
 from flows.fetch_cmd import cmd_benchmarks_fetch, cmd_urls_fetch
 
@@ -225,7 +225,7 @@ def test_fetched_benchmark_evaluates(mirror, tmp_path):
     import torch
 
     import clip
-    from data.evaluate import evaluate_suite
+    from data.eval.suite import evaluate_suite
 
     _, base = mirror()
     data_root = tmp_path / "data"
@@ -286,7 +286,7 @@ def test_hugging_face_layout_redirects_and_published_sha256(mirror, tmp_path):
 # ----------------------------------------------------------------------------- (b) interrupted
 _CHILD = """
 import sys
-from data.benchmarks.fetch import PLAIN_TEMPLATE, fetch_benchmarks
+from data.acquire.benchmarks import PLAIN_TEMPLATE, fetch_benchmarks
 fetch_benchmarks(["cifar10"], sys.argv[1], mirror=sys.argv[2], url_template=PLAIN_TEMPLATE, workers=1,
                  progress=False)
 """
@@ -418,7 +418,7 @@ def test_download_files_contract(mirror, tmp_path):
 def test_proxy_from_environment(mirror, tmp_path, monkeypatch):
     """http_proxy is used for non-loopback hosts (here the mirror server plays the proxy, so the
     made-up host is never resolved); loopback hosts and no_proxy entries go direct."""
-    from data.download import _proxy_for
+    from data.acquire.download import _proxy_for
 
     srv, base = mirror()
     for var in ("no_proxy", "NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -528,9 +528,9 @@ def _url_lists(web_base: str, images: dict) -> tuple[pd.DataFrame, pd.DataFrame]
 @pytest.mark.integration
 def test_url_lists_feed_harvest_and_crawl(mirror, tmp_path, capsys):
     from data.crawl import crawl
-    from data.fetch import FetchPolicy
+    from data.crawl.fetch import FetchPolicy
     from data.harvest import harvest_url_list
-    from data.web import SiteSpec, SyntheticWeb
+    from data.synthetic import SiteSpec, SyntheticWeb
 
     srv, base = mirror()
     lists = mirror.root / "lists"
@@ -591,7 +591,7 @@ def test_urls_fetch_cli_parser(tmp_path):
     assert (args.action, args.base_url, args.files, args.out, args.workers, args.list) == (
         "fetch", "http://h/x", ["a.parquet", "b.tsv.gz"], "o", 2, None)
 
-    import data.benchmarks.fetch as bf
+    import data.acquire.benchmarks as bf
     import flows.fetch_cmd as fc
 
     assert (fc.DEFAULT_MIRROR, fc.HF_TEMPLATE) == (bf.DEFAULT_MIRROR, bf.HF_TEMPLATE)

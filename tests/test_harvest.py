@@ -1,5 +1,5 @@
 """Harvest sources (URL lists, live HTML on loopback, WARC files) into candidates.parquet, and WIT-style
-query balancing (data.queries)."""
+query balancing (data.harvest.queries)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from data.harvest import (
     parse_srcset,
     write_candidates,
 )
-from data.queries import QueryIndex, balance_by_queries, load_queries, tokens
+from data.harvest.queries import QueryIndex, balance_by_queries, load_queries, tokens
 
 
 def _read(out: Path) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """`witclip import-weights`: OpenAI-format checkpoints (TorchScript archive, fp16 torch.save state_dict)
 served from a loopback HTTP server, converted, logged and registered with alias `baseline`; loaded back
-through `data.evaluate.load_model_for_eval` and the pyfunc with the same embeddings; champion untouched;
+through `data.eval.suite.load_model_for_eval` and the pyfunc with the same embeddings; champion untouched;
 the model-directory tokenizer convention; one-line errors."""
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_versions_aliases_and_lineage(imported, sources, server):
 def test_baseline_loads_back_for_eval_fp16(imported, sources):
     import mlflow
 
-    from data.evaluate import load_model_for_eval
+    from data.eval.suite import load_model_for_eval
 
     mlflow.set_tracking_uri(imported["uri"])
     model, tokenizer, label = load_model_for_eval("models:/witclip@baseline")
@@ -196,7 +196,7 @@ def test_fp32_version_pyfunc_and_eval_equal_source(imported, sources, tmp_path):
 
     from clip.transform import eval_transform
     from clip.zeroshot import build_classifier, zeroshot_logits
-    from data.evaluate import load_model_for_eval
+    from data.eval.suite import load_model_for_eval
     from flows.registry import DEFAULT_TEMPLATES
 
     mlflow.set_tracking_uri(imported["uri"])

@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-import data.loader as loader_mod
-from data.loader import LoaderPosition, build_train_loader, count_tar_samples, list_shards
+import data.shards.loader as loader_mod
+from data.shards.loader import LoaderPosition, build_train_loader, count_tar_samples, list_shards
 from data.shards import write_shards
 
 N_CRAWL = 100

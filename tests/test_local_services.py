@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from data.manifest import read_manifest
+from data.common.manifest import read_manifest
 from flows.config import STAGES, load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -75,7 +75,7 @@ def _check_uis(mlflow_url: str, prefect_url: str, run_name: str) -> None:
     """Headless Chromium opens each UI on loopback and finds the pipeline's run by name."""
     from mlflow.tracking import MlflowClient
 
-    from browser import ensure_chromium, wait_for_text  # tests/browser.py (tests/ is on sys.path)
+    from support.browser import ensure_chromium, wait_for_text  # tests/ is on sys.path
 
     ensure_chromium()
     client = MlflowClient(tracking_uri=mlflow_url)

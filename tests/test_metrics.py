@@ -13,7 +13,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from data.benchmarks.metrics import (
+from data.eval.metrics import (
     METRICS,
     average_precision,
     compute_metric,
@@ -298,7 +298,7 @@ def test_retrieval_recall_matches_brute_force(seed):
 
 
 def test_retrieval_recall_in_small_chunks(monkeypatch):
-    import data.benchmarks.metrics as metrics
+    import data.eval.metrics as metrics
 
     sim, t2i = _retrieval(7)
     whole = retrieval_recall_at_k(sim, t2i)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import data.phash as ph
-from data.phash import (
+import data.dedup.phash as ph
+from data.dedup.phash import (
     DEFAULT_MAX_DISTANCE,
     brute_force_pairs,
     cluster_representatives,
@@ -27,7 +27,7 @@ from data.phash import (
     plan_search,
     popcount64,
 )
-from data.web import bomb_png, describe_scene, encode_jpeg, random_scene, render_scene
+from data.synthetic import bomb_png, describe_scene, encode_jpeg, random_scene, render_scene
 
 # --------------------------------------------------------------------------------------
 # Image sources (also used by the threshold measurement)
@@ -279,7 +279,7 @@ def test_plan_choice():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_dask_version_equals_single_process():
-    from data.cluster import dask_client
+    from data.common.cluster import dask_client
 
     h = planted_hashes(30_000, 10, seed=42)
     q = h[::50] ^ np.uint64(0b11)

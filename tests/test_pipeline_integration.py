@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data.manifest import read_manifest
+from data.common.manifest import read_manifest
 from flows.config import STAGES, load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,7 +53,7 @@ def _counts(result, stage):
 
 
 def test_first_run_runs_every_stage_with_sane_counts(pipeline_env):
-    from data.web import SiteSpec, build_site
+    from data.synthetic import SiteSpec, build_site
 
     cfg, first = pipeline_env["cfg"], pipeline_env["first"]
     assert [o["stage"] for o in first["outcomes"]] == list(STAGES)
@@ -152,7 +152,7 @@ def test_second_run_skips_everything_then_reruns_selected_stages(pipeline_env):
 
 
 def test_pyfunc_loads_and_predicts_from_a_plain_interpreter(pipeline_env, tmp_path):
-    from data.web import Scene, render_scene
+    from data.synthetic import Scene, render_scene
 
     import random
 
@@ -190,7 +190,7 @@ def test_mlflow_models_serve_answers_a_rest_prediction(pipeline_env, tmp_path):
     import time
     import urllib.request
 
-    from data.web import Scene, render_scene
+    from data.synthetic import Scene, render_scene
     from flows.stages import _free_loopback_port
 
     buf = io.BytesIO()

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.web import (
+from support.servers import CountingServer
+
+from data.synthetic import (
     ALL_FAULT_KINDS,
     BACKGROUNDS,
     BOMB_SIDE,
@@ -34,14 +36,12 @@ from data.web import (
     COUNTS,
     DEFAULT_PRIVATE_TARGET,
     DEMO_FAULT_KINDS,
-    FAULT_KINDS,
     NOINDEX_PREFIX,
     NUMBER_WORDS,
     POSITIONS,
     SHAPES,
     TOO_LARGE_CLAIMED_BYTES,
     TOO_LARGE_MAX_BYTES,
-    CountingServer,
     Scene,
     SiteSpec,
     SyntheticWeb,
@@ -214,7 +214,7 @@ def test_stats_add_up(default_site):
     assert stats["n_exact_dup"] == round(spec.exact_duplicate_rate * n)
     assert stats["n_near_dup"] == round(spec.near_duplicate_rate * n)
     assert stats["n_faulty"] == sum(stats["n_faults"].values()) == round(spec.fault_rate * n)
-    per_kind = [stats["n_faults"][kind] for kind in FAULT_KINDS]
+    per_kind = [stats["n_faults"][kind] for kind in DEMO_FAULT_KINDS]
     assert max(per_kind) - min(per_kind) <= 1 and min(per_kind) > 0
 
 
@@ -379,8 +379,8 @@ def test_stop_and_context_manager():
 CLI_CHILD = """
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from data.web import main
-sys.exit(main(['--seed', '2', '--pages', '3']))
+from flows.cli import main
+sys.exit(main(['web', '--seed', '2', '--pages', '3']))
 """
 
 
@@ -431,7 +431,7 @@ def test_default_site_is_unchanged_by_the_extra_fault_kinds(default_site):
         "ab5ce98e7861b8cde6b4b88a3eb8f73ff2de49b4b4833644455ab14f2919f295"
     )
     assert default_site.robots_txt == "User-agent: *\nAllow: /\n"
-    assert FAULT_KINDS == DEMO_FAULT_KINDS == SiteSpec().fault_kinds
+    assert DEMO_FAULT_KINDS == SiteSpec().fault_kinds
     assert len(ALL_FAULT_KINDS) == len(set(ALL_FAULT_KINDS)) == 13 and ALL_FAULT_KINDS[:5] == DEMO_FAULT_KINDS
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from data.benchmarks.metrics import METRICS
+from data.eval.metrics import METRICS
 
 GROUPS = ("paper", "shift", "retrieval", "synthetic")
 TYPES = ("classification", "multilabel", "retrieval")
@@ -45,7 +45,7 @@ TASKS_DIR = PACKAGE_DIR / "tasks"
 
 # What torchvision's ImageFolder accepts as an image.
 IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# data.benchmarks.synthetic writes this file last, so its presence marks a complete build.
+# data.eval.synthetic writes this file last, so its presence marks a complete build.
 SYNTHETIC_COMPLETE_MARKER = "dataset_info.json"
 
 _FIELDS = (

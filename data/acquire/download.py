@@ -1,6 +1,6 @@
 """Resumable, verified, parallel HTTP(S) downloads on the standard library (http.client).
 
-    from data.download import download_files
+    from data.acquire.download import download_files
     result = download_files([(url, dest), ...], manifest=out_dir / ".witclip-fetch.json")
 
 Per file:

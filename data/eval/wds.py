@@ -1,6 +1,6 @@
 """Reader for CLIP_benchmark-style webdataset benchmarks.
 
-Layout (as published for CLIP_benchmark and written by `data.benchmarks.synthetic`):
+Layout (as published for CLIP_benchmark and written by `data.eval.synthetic`):
 
     <root>/classnames.txt                          one class name per line
     <root>/zeroshot_classification_templates.txt   one prompt per line, "{c}" placeholder

@@ -5,7 +5,7 @@ smallest key, is always the one kept):
 
 1. exact: the same normalised image URL; the same image bytes (img2dataset's sha256 of the bytes as
    downloaded);
-2. decontamination: a 64-bit perceptual hash per image (`data.phash`) is computed by a Dask pass over
+2. decontamination: a 64-bit perceptual hash per image (`data.dedup.phash`) is computed by a Dask pass over
    the crawl's tar shards and over the test images of the given benchmarks; training images within
    `max_distance` bits of any test image (and of similar colour: the hash is greyscale) are dropped, and an overlap index and report per benchmark
    are written so evaluation can score All / Clean / Overlap subsets (CLIP paper, section 5);
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from data.phash import DEFAULT_MAX_DISTANCE
+from data.dedup.phash import DEFAULT_MAX_DISTANCE
 
 KEEP_FILE = "keep.parquet"
 DROPPED_FILE = "dropped.parquet"
@@ -94,7 +94,7 @@ def image_signature(data: bytes) -> tuple[int | None, bytes | None]:
     circle in the same place duplicates; the thumbnail is the colour check that confirms a pair."""
     from PIL import Image
 
-    from data.phash import phash_bytes
+    from data.dedup.phash import phash_bytes
 
     h = phash_bytes(data)
     if h is None:
@@ -137,7 +137,7 @@ def _confirmed(pairs: np.ndarray, hashes_a: np.ndarray, colours_a: list[bytes], 
                colours_b: list[bytes]) -> np.ndarray:
     """Keep the Hamming-close pairs whose colours agree too, and drop pairs involving a
     low-information hash (flat images hash to 0 or 1 << 63; a normal hash has 32 bits set)."""
-    from data.phash import popcount64
+    from data.dedup.phash import popcount64
 
     if not len(pairs):
         return pairs
@@ -176,7 +176,7 @@ def dedup(
     near_duplicate, benchmark_overlap), and per benchmark overlap_<name> (test images with a
     near copy in the crawl) and overlap_<name>_fraction.
     """
-    from data.cluster import dask_client
+    from data.common.cluster import dask_client
 
     if not 0 <= max_distance <= 32:
         raise ValueError(f"max_distance must be between 0 and 32 bits, got {max_distance}")
@@ -192,7 +192,7 @@ def dedup(
 
 def _search(hashes: np.ndarray, max_distance: int, client: Any | None, queries: np.ndarray | None = None) -> np.ndarray:
     """Pairs within max_distance: in-process below DASK_SEARCH_MIN hashes, on Dask above."""
-    from data.phash import near_duplicate_pairs, near_duplicate_pairs_dask
+    from data.dedup.phash import near_duplicate_pairs, near_duplicate_pairs_dask
 
     if client is not None and len(hashes) + (0 if queries is None else len(queries)) >= DASK_SEARCH_MIN:
         return near_duplicate_pairs_dask(hashes, max_distance, client, queries=queries)
@@ -201,7 +201,7 @@ def _search(hashes: np.ndarray, max_distance: int, client: Any | None, queries: 
 
 def _dedup(crawl_dir: Path, out_dir: Path, near_duplicates: bool, max_distance: int,
            bench_tars: dict[str, list[Path]], client: Any | None) -> dict[str, Any]:
-    from data.phash import cluster_representatives, popcount64
+    from data.dedup.phash import cluster_representatives, popcount64
 
     df = load_successes(crawl_dir)
     n_input = len(df)

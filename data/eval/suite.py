@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from data.benchmarks import metrics as M
-from data.benchmarks.registry import describe_missing, get_task, locate
-from data.benchmarks.sources import BenchmarkDataError, TaskData, open_task_data
-from data.benchmarks.wds import load_wds_benchmark
+from data.eval import metrics as M
+from data.eval.registry import describe_missing, get_task, locate
+from data.eval.sources import BenchmarkDataError, TaskData, open_task_data
+from data.eval.wds import load_wds_benchmark
 
 STATUS_RAN, STATUS_MISSING, STATUS_FAILED = "ran", "not_available", "failed"
 

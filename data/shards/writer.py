@@ -135,7 +135,7 @@ def write_shards(
     finally:
         reader.close()
 
-    from data.manifest import file_sha256
+    from data.common.manifest import file_sha256
 
     shards = {name: {"samples": n, "sha256": file_sha256(out_dir / name)} for name, n in sorted(sizes.items())}
     (out_dir / SHARDS_MANIFEST_FILE).write_text(json.dumps(shards, indent=2) + "\n")

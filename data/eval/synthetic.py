@@ -25,7 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.web import COLOURS, COUNTS, NUMBER_WORDS, SHAPES, SiteSpec, encode_jpeg, random_scene, render_scene
+from data.synthetic import COLOURS, COUNTS, NUMBER_WORDS, SHAPES, SiteSpec, encode_jpeg, random_scene, render_scene
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def build_synthetic_benchmark(
         "chance": 1.0 / len(bench.classnames),
         "metric": "acc1",
         "attribute": bench.attribute,
-        "generator": "data.web.render_scene",
+        "generator": "data.synthetic.render_scene",
         **wanted,
     }
     info_path.write_text(json.dumps(info, indent=2) + "\n")

@@ -7,7 +7,7 @@ so that the harvest stage can start from them (``harvest.source: urls``, ``harve
 Each ``{base_url}/{path}`` is saved in out_dir under its path with "/" replaced by "__"
 ("meta/0001.parquet" -> "meta__0001.parquet"), because harvest reads the files directly in a
 directory. Formats: parquet, csv, tsv, jsonl, each optionally .gz (what harvest reads). Downloads
-are resumable and verified against out_dir/.witclip-fetch.json (`data.download`); the manifest
+are resumable and verified against out_dir/.witclip-fetch.json (`data.acquire.download`); the manifest
 and the ``.part`` files are names harvest skips.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from data.download import DownloadItem, download_files
+from data.acquire.download import DownloadItem, download_files
 
 FETCH_MANIFEST = ".witclip-fetch.json"
 LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl")  # as data.harvest.URL_LIST_FORMATS
@@ -81,7 +81,7 @@ def fetch_url_lists(
     With `url_col` and `caption_col`, the fetched files are then checked the way the harvest stage
     will read them (format, both columns present; `data.harvest.check_url_lists`).
     Returns download_files' counts plus out_dir and paths (the local files, in the given order).
-    Raises ValueError (bad arguments; a checked file lacking a column), and data.download's
+    Raises ValueError (bad arguments; a checked file lacking a column), and data.acquire.download's
     HostUnreachable / DownloadError / LocalWriteError.
     """
     parts = urlsplit(base_url)

@@ -6,7 +6,7 @@ public mirrors use:
 
 Sources: an image folder (``<dir>/<class>/<image>``, or ``<dir>/test/<class>/...``), or any dataset
 object -- ``len()``, ``[i] -> (image, label)`` and ``.classes`` -- named as ``module:callable``
-(e.g. ``torchvision.datasets:MNIST`` after partial application, or ``data.benchmarks.convert:sklearn_digits``).
+(e.g. ``torchvision.datasets:MNIST`` after partial application, or ``data.eval.convert:sklearn_digits``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def load_dataset_object(spec: str) -> Any:
     """``module:callable`` -> the dataset object it returns (or the object itself if not callable)."""
     module, _, attr = spec.partition(":")
     if not module or not attr:
-        raise ValueError(f"--dataset {spec!r}: expected module:callable, e.g. data.benchmarks.convert:sklearn_digits")
+        raise ValueError(f"--dataset {spec!r}: expected module:callable, e.g. data.eval.convert:sklearn_digits")
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:

@@ -1,6 +1,6 @@
 """Open a located benchmark as one indexable dataset, whatever its layout on disk.
 
-    data = open_task_data(task, location)       # Location from data.benchmarks.registry.locate
+    data = open_task_data(task, location)       # Location from data.eval.registry.locate
     data.dataset[i] -> (PIL image, target)      # target: int class | float[C] multi-label | list[str] captions
     data.classnames, data.templates, data.keys, data.fingerprint
 
@@ -213,7 +213,7 @@ def _tar_members(path: Path) -> list[tuple[str, int, int]]:
 
 
 def _wds_shards(split_dir: Path) -> list[Path]:
-    from data.benchmarks.wds import find_shards
+    from data.eval.wds import find_shards
 
     try:
         return find_shards(split_dir)

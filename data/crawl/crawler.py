@@ -9,13 +9,11 @@ directory has exactly img2dataset's layout (00000.tar, 00000.parquet, 00000_stat
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,13 +24,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from data.cluster import dask_client  # noqa: E402
-from data.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
+from data.common.cluster import dask_client  # noqa: E402
+from data.crawl.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
+from data.crawl.status import STATUS_FILE, _reason_counts, aggregate_stats, write_status_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.tar)
-STATUS_FILE = "status.parquet"  # one row per candidate URL: key, url, status, reason
 
 
 def shard_name(shard_id: int) -> str:
@@ -43,7 +41,7 @@ def shard_name(shard_id: int) -> str:
 # img2dataset's Downloader fetches every image through the module-level function
 # img2dataset.downloader.download_image(row, timeout, user_agent_token, directives), looked up
 # at call time by download_image_with_retry(). Inside each Dask task we point that name at
-# data.fetch.Fetcher, which adds what img2dataset lacks (address guard, robots.txt, per-host
+# data.crawl.fetch.Fetcher, which adds what img2dataset lacks (address guard, robots.txt, per-host
 # limits, Retry-After, byte/pixel caps, a total deadline). Reader, Resizer, the writer and the
 # per-shard stats stay img2dataset's own. The error string we return is the Fetcher's reason
 # code, so img2dataset's status_dict counts reasons rather than free-form messages.
@@ -109,67 +107,6 @@ def _validate_candidates(path: Path) -> list[str]:
     return names
 
 
-def shard_parquets(crawl_dir: Path) -> list[Path]:
-    """img2dataset's per-shard metadata files (00000.parquet, ...), not our status table."""
-    return sorted(p for p in Path(crawl_dir).glob("*.parquet") if p.stem.isdigit())
-
-
-def _reason(status: str, error_message: Any) -> str:
-    if status == "success":
-        return "success"
-    message = str(error_message or "")
-    if status == "failed_to_resize":
-        # img2dataset's resizer reports "Image decoding error" for anything cv2 cannot decode
-        return "decode_error" if "decod" in message.lower() else "resize_error"
-    return message or "unknown_error"
-
-
-def write_status_table(crawl_dir: Path) -> tuple[Path, dict[str, int]]:
-    """One row per candidate URL (key, url, status, reason) from img2dataset's shard parquets,
-    written atomically to crawl_dir/status.parquet; returns the path and counts per reason."""
-    import pandas as pd
-
-    frames = [pd.read_parquet(p, columns=["key", "url", "status", "error_message"]) for p in shard_parquets(crawl_dir)]
-    if frames:
-        table = pd.concat(frames, ignore_index=True)
-    else:
-        table = pd.DataFrame({c: pd.Series(dtype=str) for c in ("key", "url", "status", "error_message")})
-    table["reason"] = [_reason(s, e) for s, e in zip(table["status"], table["error_message"])]
-    table = table[["key", "url", "status", "reason"]].sort_values("key", ignore_index=True)
-    path = Path(crawl_dir) / STATUS_FILE
-    tmp = path.with_name(f".{STATUS_FILE}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path, _reason_counts(table["reason"])
-
-
-def _reason_counts(reasons: Any) -> dict[str, int]:
-    """{reason: count}, most frequent first (a pandas Series of reason codes in)."""
-    return {str(k): int(v) for k, v in sorted(reasons.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))}
-
-
-def aggregate_stats(crawl_dir: Path) -> dict[str, Any]:
-    """Sum img2dataset's per-shard *_stats.json files in crawl_dir."""
-    totals = Counter()
-    status: Counter[str] = Counter()
-    n = 0
-    for p in sorted(Path(crawl_dir).glob("*_stats.json")):
-        s = json.loads(p.read_text())
-        n += 1
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            totals[k] += int(s.get(k, 0))
-        status.update(s.get("status_dict", {}))
-    urls = totals["count"]
-    return {
-        "urls": urls,
-        "successes": totals["successes"],
-        "failed_to_download": totals["failed_to_download"],
-        "failed_to_resize": totals["failed_to_resize"],
-        "success_rate": round(totals["successes"] / urls, 6) if urls else 0.0,
-        "status_dict": dict(sorted(status.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "shards": n,
-    }
-
 
 def crawl(
     candidates_parquet: Path,
@@ -190,7 +127,7 @@ def crawl(
 ) -> dict[str, Any]:
     """Download candidates into img2dataset webdataset shards in out_dir, one Dask task per shard.
 
-    Every image goes through data.fetch.Fetcher with `policy` (address guard, robots.txt,
+    Every image goes through data.crawl.fetch.Fetcher with `policy` (address guard, robots.txt,
     per-host limits, Retry-After, byte and pixel caps, total deadline); without a policy one is
     built from `timeout` (per socket operation) and `max_image_seconds` (total deadline per
     request, default 4 * timeout). The policy's per-host limits are for the whole cluster and

@@ -13,9 +13,9 @@ For a task whose metadata names a mirror repository (``wds_mirror``, e.g.
     test/nshards.txt                                          (says how many tars)
     test/0.tar .. test/<N-1>.tar
 
-which is the layout `data.benchmarks.registry.locate` finds as "wds". test/nshards.txt lands
+which is the layout `data.eval.registry.locate` finds as "wds". test/nshards.txt lands
 before the tars, so an interrupted fetch is reported by the reader as "shard missing" instead of
-being read as a smaller dataset. Downloads go through `data.download` (resumable, verified
+being read as a smaller dataset. Downloads go through `data.acquire.download` (resumable, verified
 against `<data_root>/<repo>/.witclip-fetch.json`); a second fetch of a complete set asks nothing
 of the network. Tasks without a mirror are reported with their "obtain" text and skipped.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from data.benchmarks.registry import Task, get_task, locate
-from data.download import DownloadError, DownloadItem, HostUnreachable, LocalWriteError, download_files, forget
+from data.eval.registry import Task, get_task, locate
+from data.acquire.download import DownloadError, DownloadItem, HostUnreachable, LocalWriteError, download_files, forget
 
 DEFAULT_MIRROR = "https://huggingface.co/datasets/clip-benchmark"
 HF_TEMPLATE = "{mirror}/{repo}/resolve/main/{path}"  # Hugging Face dataset repositories

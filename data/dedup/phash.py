@@ -619,7 +619,7 @@ def near_duplicate_pairs_dask(
     worker), then one task per (band, chunk of probe masks) probes and verifies. Since a
     pair is reported only by the first band that can find it, and within a band by the
     single mask equal to its band difference, the tasks' results are disjoint: they are
-    only concatenated and sorted. Workers must be able to import `data.phash`.
+    only concatenated and sorted. Workers must be able to import `data.dedup.phash`.
 
     Speed: Dask nannies export MALLOC_TRIM_THRESHOLD_=65536 to workers, which makes numpy's
     large temporaries page-fault on every allocation; tasks then use smaller batches, but a
