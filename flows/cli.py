@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 from flows.errors import UserError
-from flows.fetch_cmd import add_benchmarks_fetch_options, benchmarks_fetch_args, select_tasks
+from flows.fetch_cmd import (
+    add_benchmarks_fetch_options,
+    benchmarks_fetch_args,
+    select_tasks,
+)
 from flows.fetch_cmd import add_parsers as add_fetch_parsers
 from flows.weights_cmd import add_parser as add_import_parser
 
@@ -79,9 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     check_environment()
     _prefect_defaults()
-    from flows.pipeline import run_pipeline
-
     from flows.config import STAGES
+    from flows.pipeline import run_pipeline
 
     if args.stages and args.from_stage:
         raise UserError("give --stages or --from, not both")

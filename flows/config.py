@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from data.crawl.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
@@ -359,11 +366,12 @@ def _benchmark_data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _content_hash(path: str) -> str:
     """sha256 of a file, or of a directory's files (names and contents, sorted); '' if missing."""
-    from data.common.manifest import file_sha256, stable_hash
+    from data.common.files import sha256_file
+    from data.common.manifest import stable_hash
 
     p = Path(path)
     if p.is_file():
-        return file_sha256(p)
+        return sha256_file(p)
     if p.is_dir():
-        return stable_hash({str(f.relative_to(p)): file_sha256(f) for f in sorted(p.rglob("*")) if f.is_file()})
+        return stable_hash({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
     return ""

@@ -26,7 +26,13 @@ from urllib.parse import urlparse
 
 from prefect import flow
 
-from data.common.manifest import hash_outputs, read_manifest, stable_hash, write_manifest
+from data.common.files import atomic_write_json
+from data.common.manifest import (
+    hash_outputs,
+    read_manifest,
+    stable_hash,
+    write_manifest,
+)
 from flows import registry, stages
 from flows.config import STAGES, PipelineConfig, stage_config
 from flows.errors import UserError
@@ -219,7 +225,7 @@ def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "manifest.json").unlink(missing_ok=True)
-    attempt_path.write_text(json.dumps({"key": key, "status": "running"}))
+    atomic_write_json(attempt_path, {"key": key, "status": "running"})
 
 
 def execute_stage(
@@ -284,7 +290,11 @@ def _stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, m
 
 def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, tracking_uri: str, stage_dir: Path) -> None:
     """Prefect artifacts per stage: its counts as a table, a markdown summary, a link to the MLflow run."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     key = f"witclip-{stage}"
     flat = {k: v for k, v in counts.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}

@@ -20,6 +20,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from data.common.files import atomic_write_json
 from flows.retries import mlflow_call
 
 # A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
@@ -355,8 +356,7 @@ def register_model(
         "candidate_alias": candidate_alias,
         "lineage": tags,
     })
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model_version.json").write_text(json.dumps(decision, indent=2))
+    atomic_write_json(out_dir / "model_version.json", decision)
     mlflow_call(client.log_dict, run_id, decision, "register/decision.json")
     mlflow_call(client.set_tag, run_id, "register.decision", decision["reason"])
     print(f"[register] version {version}: @{candidate_alias}; @{alias} "

@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from data.common.files import atomic_write_json
 from data.crawl.fetch import FetchPolicy
-
 from flows.config import PipelineConfig
 from flows.errors import UserError
 
@@ -180,7 +180,7 @@ def train_flow(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str) -> di
         spec["zeroshot"] = {"root": str(root.resolve()), "name": f"heldout_{HELDOUT_BENCHMARK}",
                             "batch_size": cfg.eval.batch_size}
     spec_path = out_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    atomic_write_json(spec_path, spec)
     cmd = torchrun_command(cfg, spec_path, t.node_rank)
     env = dict(os.environ)
     if t.nnodes == 1:

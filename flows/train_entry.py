@@ -21,6 +21,7 @@ from clip import create_model
 from clip.tokenizer import CaptionTokenizer
 from clip.train import TrainConfig, TrainingDiverged, train
 from clip.transform import train_transform
+from data.common.files import atomic_write_json
 from data.shards.loader import build_train_loader
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             monitor.finish()
     if rank == 0:
         summary.update({"train_samples": n_train, "world_size": world_size, "steps_per_epoch": steps_per_epoch})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out_dir / "summary.json", summary)
 
 
 if __name__ == "__main__":

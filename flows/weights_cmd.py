@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from data.common.files import atomic_write_json, sha256_file
 from flows.errors import UserError
 
 DEFAULT_OUT = Path("runs") / "imports"
-MANIFEST_NAME = ".witclip-fetch.json"  # data.acquire.download's record of what was downloaded, with sha256s
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -47,14 +46,14 @@ def fetch(source: str, downloads: Path, *, what: str, progress: bool = True) -> 
     """A local file as is; an http(s) URL downloaded (resumably) under `downloads`. One-line UserError
     for a missing file, an unsupported scheme or a failed download (the message names the host)."""
     if _is_url(source):
-        from data.acquire.download import DownloadError, download_files
+        from data.acquire.download import FETCH_MANIFEST, DownloadError, download_files
 
         dest = _url_dest(source, downloads)
         dest.parent.mkdir(parents=True, exist_ok=True)
         host = urlparse(source).netloc
         try:
             # the manifest records each file's sha256: a later run re-uses a file only if its bytes match
-            download_files([(source, dest)], manifest=downloads / MANIFEST_NAME, progress=progress, desc=what)
+            download_files([(source, dest)], manifest=downloads / FETCH_MANIFEST, progress=progress, desc=what)
         except DownloadError as e:  # one line naming the host (HostUnreachable: within ~5 s)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(msg if host in msg else f"{what} {source}: {msg}") from None
@@ -70,14 +69,6 @@ def fetch(source: str, downloads: Path, *, what: str, progress: bool = True) -> 
         state = "is not a file" if path.exists() else "does not exist"
         raise UserError(f"{what} {source} {state}; expected a local file or an http(s) URL")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- tokenizer vocab
@@ -112,7 +103,12 @@ def _locate_vocab(vocab: str | None) -> str:
 def _load_vocab(path: Path, label: str):
     """(tokenizer, file name in the model directory): a .json is witclip's tokenizer.json, anything
     else is read as OpenAI's gzipped merges file."""
-    from clip.tokenizer import OPENAI_VOCAB_FILE, TOKENIZER_FILE, CaptionTokenizer, load_openai_tokenizer
+    from clip.tokenizer import (
+        OPENAI_VOCAB_FILE,
+        TOKENIZER_FILE,
+        CaptionTokenizer,
+        load_openai_tokenizer,
+    )
 
     try:
         if path.name.endswith(".json"):
@@ -215,7 +211,7 @@ def import_weights(
         lineage["config"] = config_name
     if not _is_url(source):
         lineage["source_file"] = ckpt_path.name
-    (model_dir.parent / f"{sha[:16]}.import.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    atomic_write_json(model_dir.parent / f"{sha[:16]}.import.json", lineage)
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.eval import SYNTHETIC_BENCHMARKS, build_synthetic_benchmark, load_wds_benchmark
+from data.eval import (
+    SYNTHETIC_BENCHMARKS,
+    build_synthetic_benchmark,
+    load_wds_benchmark,
+)
 from data.synthetic import COLOURS, SiteSpec, build_site
 
 SEED = 0

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import clip
 from clip import (
-    CLIPConfig,
     CaptionTokenizer,
+    CLIPConfig,
     ClipLoss,
     TrainConfig,
     create_model,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from support.servers import CountingServer
 
 from data.crawl import STATUS_FILE, crawl
 from data.crawl.fetch import FetchPolicy
 from data.synthetic import ALL_FAULT_KINDS, SiteSpec, SyntheticWeb
-from support.servers import CountingServer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

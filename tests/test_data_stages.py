@@ -19,11 +19,17 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
+from data.common.files import sha256_file
+from data.common.manifest import (
+    hash_outputs,
+    read_manifest,
+    stable_hash,
+    write_manifest,
+)
 from data.crawl import STATUS_FILE, crawl, shard_parquets
-from data.dedup import dedup
 from data.crawl.fetch import FetchPolicy
+from data.dedup import dedup
 from data.harvest import harvest_site
-from data.common.manifest import file_sha256, hash_outputs, read_manifest, stable_hash, write_manifest
 from data.shards import count_samples, shard_paths, write_shards
 
 N_IMAGES = 40
@@ -502,7 +508,7 @@ def test_manifest_atomic_and_hashes(tmp_path):
     (tmp_path / "_tmp" / "scratch").write_text("x")
     assert read_manifest(tmp_path) is None
     h1 = hash_outputs(tmp_path)
-    assert list(h1) == ["a.txt", "sub/b.bin"] and h1["a.txt"] == file_sha256(tmp_path / "a.txt")
+    assert list(h1) == ["a.txt", "sub/b.bin"] and h1["a.txt"] == sha256_file(tmp_path / "a.txt")
     m = {"stage": "crawl", "outputs": h1, "params": {"b": 1, "a": [1, 2]}}
     path = write_manifest(tmp_path, m)
     assert path == tmp_path / "manifest.json" and read_manifest(tmp_path) == m

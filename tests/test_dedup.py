@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from data.eval.synthetic import build_synthetic_benchmark
-from data.dedup import dedup
 from data.common.manifest import hash_outputs
+from data.dedup import dedup
+from data.eval.synthetic import build_synthetic_benchmark
 from data.shards import write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from data.crawl.fetch import FetchError, Fetcher, FetchPolicy, classify_address
+from data.crawl.fetch import Fetcher, FetchError, FetchPolicy, classify_address
 
 
 def _jpeg(size: tuple[int, int] = (32, 24)) -> bytes:

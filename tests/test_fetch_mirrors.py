@@ -28,10 +28,10 @@ import pytest
 from PIL import Image
 
 from data.acquire.benchmarks import FETCH_MANIFEST, PLAIN_TEMPLATE, fetch_benchmarks
-from data.eval.registry import get_task, locate
-from data.eval.sources import open_task_data
 from data.acquire.download import DownloadError, HostUnreachable, download_files
 from data.acquire.url_lists import fetch_url_lists
+from data.eval.registry import get_task, locate
+from data.eval.sources import open_task_data
 from flows.errors import UserError
 from flows.fetch_cmd import cmd_benchmarks_fetch, cmd_urls_fetch
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_clip_openai import _few_threads, _scripted_holder  # noqa: E402,F401  (tests/ is on sys.path; the autouse fixture applies here too)
 
 import clip
 from clip.tokenizer import (
@@ -28,8 +29,12 @@ from clip.tokenizer import (
     train_caption_tokenizer,
 )
 from flows.errors import UserError
-from test_clip_openai import _few_threads, _scripted_holder  # noqa: E402,F401  (tests/ is on sys.path; the autouse fixture applies here too)
-from flows.weights_cmd import add_parser, bundled_config_name, import_weights, packaged_openai_vocab
+from flows.weights_cmd import (
+    add_parser,
+    bundled_config_name,
+    import_weights,
+    packaged_openai_vocab,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # test archives are TorchScript
 

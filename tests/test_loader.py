@@ -23,8 +23,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import data.shards.loader as loader_mod
-from data.shards.loader import LoaderPosition, build_train_loader, count_tar_samples, list_shards
 from data.shards import write_shards
+from data.shards.loader import (
+    LoaderPosition,
+    build_train_loader,
+    count_tar_samples,
+    list_shards,
+)
 
 N_CRAWL = 100
 IMG = 16

@@ -74,7 +74,6 @@ def _parent_run(client, run_name: str):
 def _check_uis(mlflow_url: str, prefect_url: str, run_name: str) -> None:
     """Headless Chromium opens each UI on loopback and finds the pipeline's run by name."""
     from mlflow.tracking import MlflowClient
-
     from support.browser import ensure_chromium, wait_for_text  # tests/ is on sys.path
 
     ensure_chromium()

@@ -27,7 +27,13 @@ from data.dedup.phash import (
     plan_search,
     popcount64,
 )
-from data.synthetic import bomb_png, describe_scene, encode_jpeg, random_scene, render_scene
+from data.synthetic import (
+    bomb_png,
+    describe_scene,
+    encode_jpeg,
+    random_scene,
+    render_scene,
+)
 
 # --------------------------------------------------------------------------------------
 # Image sources (also used by the threshold measurement)

@@ -152,9 +152,9 @@ def test_second_run_skips_everything_then_reruns_selected_stages(pipeline_env):
 
 
 def test_pyfunc_loads_and_predicts_from_a_plain_interpreter(pipeline_env, tmp_path):
-    from data.synthetic import Scene, render_scene
-
     import random
+
+    from data.synthetic import Scene, render_scene
 
     img = render_scene(Scene("circle", "red", 1, "large", "white", "centre"), 64, random.Random(0))
     path = tmp_path / "red_circle.png"

@@ -24,7 +24,13 @@ from safetensors.torch import load_file
 import clip
 from clip import create_model
 from clip.loss import ClipLoss
-from clip.train import TrainConfig, TrainingDiverged, accumulate_gradients, param_groups, train
+from clip.train import (
+    TrainConfig,
+    TrainingDiverged,
+    accumulate_gradients,
+    param_groups,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,

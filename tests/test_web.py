@@ -25,7 +25,6 @@ from urllib.parse import urljoin, urlsplit
 import numpy as np
 import pytest
 from PIL import Image
-
 from support.servers import CountingServer
 
 from data.synthetic import (

@@ -28,13 +28,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from data.acquire.download import (
+    FETCH_MANIFEST,
+    DownloadError,
+    DownloadItem,
+    HostUnreachable,
+    LocalWriteError,
+    download_files,
+    forget,
+)
 from data.eval.registry import Task, get_task, locate
-from data.acquire.download import DownloadError, DownloadItem, HostUnreachable, LocalWriteError, download_files, forget
 
 DEFAULT_MIRROR = "https://huggingface.co/datasets/clip-benchmark"
 HF_TEMPLATE = "{mirror}/{repo}/resolve/main/{path}"  # Hugging Face dataset repositories
 PLAIN_TEMPLATE = "{mirror}/{repo}/{path}"  # a mirror that is a plain directory tree
-FETCH_MANIFEST = ".witclip-fetch.json"
 SPLIT = "test"
 MAX_SHARDS = 100_000
 TEMPLATE_FIELDS = ("mirror", "repo", "path", "task")

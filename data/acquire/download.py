@@ -1,7 +1,7 @@
 """Resumable, verified, parallel HTTP(S) downloads on the standard library (http.client).
 
     from data.acquire.download import download_files
-    result = download_files([(url, dest), ...], manifest=out_dir / ".witclip-fetch.json")
+    result = download_files([(url, dest), ...], manifest=out_dir / FETCH_MANIFEST)
 
 Per file:
 
@@ -54,7 +54,10 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
+from data.common.files import atomic_write_json, sha256_file, sha256_hasher
+
 USER_AGENT = "witclip-fetch/0.1 (+https://github.com/witclip)"
+FETCH_MANIFEST = ".witclip-fetch.json"  # the usual manifest name: what was downloaded into a directory, with sha256s
 CHUNK_BYTES = 256 * 1024
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER_S = 30.0
@@ -345,19 +348,11 @@ class _Manifest:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         payload = {"version": MANIFEST_VERSION, "files": dict(sorted(self.data["files"].items())),
                    "partial": dict(sorted(self.data["partial"].items()))}
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, payload, indent=1)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise LocalWriteError(f"cannot write the download manifest {self.path}: {err.strerror or err}") from None
 
 
@@ -366,20 +361,6 @@ def forget(manifest: Path, dest: Path) -> None:
     m = _Manifest(manifest)
     Path(dest).unlink(missing_ok=True)
     m.update(m.key(Path(dest)), drop_entry=True, drop_partial=True)
-
-
-def _sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
-    h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as fh:
-        while left is None or left > 0:
-            block = fh.read(CHUNK_BYTES * 4 if left is None else min(CHUNK_BYTES * 4, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h
 
 
 def _now() -> str:
@@ -436,7 +417,7 @@ class _Downloader:
         if entry is None:
             return None  # not fetched by us (or the manifest was lost): fetched again, replaced when whole
         size = item.dest.stat().st_size
-        ok = entry.get("size") == size and _sha256_file(item.dest).hexdigest() == entry.get("sha256")
+        ok = entry.get("size") == size and sha256_file(item.dest) == entry.get("sha256")
         if ok and (item.sha256 is None or item.sha256 == entry.get("sha256")):
             return "verified"
         item.dest.unlink(missing_ok=True)
@@ -552,7 +533,7 @@ class _Downloader:
                                         "started_at": _now()})
         try:
             item.dest.parent.mkdir(parents=True, exist_ok=True)
-            hasher = _sha256_file(part, offset) if resumed else hashlib.sha256()
+            hasher = sha256_hasher(part, limit=offset) if resumed else hashlib.sha256()
             # unbuffered: what was received is on disk (page cache) even if this process is killed
             fh = open(part, "ab" if resumed else "wb", buffering=0)
         except OSError as err:

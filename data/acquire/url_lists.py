@@ -18,21 +18,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from data.acquire.download import DownloadItem, download_files
-
-FETCH_MANIFEST = ".witclip-fetch.json"
-LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl")  # as data.harvest.URL_LIST_FORMATS
-_ALIASES = {"ndjson": "jsonl", "jsonlines": "jsonl", "pq": "parquet"}
-
-
-def list_format(name: str) -> str | None:
-    """The URL list format harvest infers from a file name (a trailing .gz looked through), or None."""
-    suffixes = [s.lower() for s in PurePosixPath(name).suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    ext = suffixes[-1].lstrip(".") if suffixes else ""
-    fmt = _ALIASES.get(ext, ext)
-    return fmt if fmt in LIST_FORMATS else None
+from data.acquire.download import FETCH_MANIFEST, DownloadItem, download_files
+from data.harvest.url_lists import format_from_name
 
 
 def read_list_file(path: str | Path) -> list[str]:
@@ -58,7 +45,7 @@ def _check_rel(rel: str) -> str:
         raise ValueError(f"{rel!r}: '.' and '..' are not allowed in a file path")
     if local_name(rel).startswith("."):
         raise ValueError(f"{rel!r}: a hidden file name (harvest skips those)")
-    if list_format(rel) is None:
+    if format_from_name(rel) is None:
         raise ValueError(f"{rel!r}: not a URL list harvest reads (.parquet, .csv, .tsv, .jsonl, optionally .gz)")
     return rel
 

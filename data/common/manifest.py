@@ -10,21 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from data.common.files import atomic_write_json, is_temp_name, sha256_file
+
 MANIFEST_NAME = "manifest.json"
 _SKIP_DIRS = {"_tmp"}  # img2dataset scratch space; never part of a stage's outputs
-
-
-def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks so big tars don't load into memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_outputs(
@@ -43,15 +35,10 @@ def hash_outputs(
         for name in filenames:
             full = Path(dirpath) / name
             rel = full.relative_to(root).as_posix()
-            if name in excluded or rel in excluded or _is_temp(name):
+            if name in excluded or rel in excluded or is_temp_name(name):
                 continue
-            hashes[rel] = file_sha256(full)
+            hashes[rel] = sha256_file(full)
     return dict(sorted(hashes.items()))
-
-
-def _is_temp(name: str) -> bool:
-    # ".<file>.<random>.tmp": an atomic write still in flight (or interrupted); never an output.
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _canonical_json(obj: Any) -> str:
@@ -68,26 +55,9 @@ def stable_hash(obj: Any) -> str:
 def write_manifest(
     out_dir: str | os.PathLike[str], manifest: dict[str, Any], *, name: str = MANIFEST_NAME
 ) -> Path:
-    """Atomically write out_dir/<name> (temp file in the same dir, fsync, os.replace)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / name
-    # Same directory => same filesystem => os.replace is atomic; readers see old or new, never half.
-    fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return final
+    """Atomically write out_dir/<name> (`data.common.files.atomic_write_json`): readers see the old or
+    the new manifest, never half of one."""
+    return atomic_write_json(Path(out_dir) / name, manifest, sort_keys=True, default=str)
 
 
 def read_manifest(out_dir: str | os.PathLike[str], *, name: str = MANIFEST_NAME) -> dict[str, Any] | None:

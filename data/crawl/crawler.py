@@ -27,14 +27,10 @@ from tqdm.auto import tqdm  # noqa: E402
 from data.common.cluster import dask_client  # noqa: E402
 from data.crawl.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
 from data.crawl.status import STATUS_FILE, _reason_counts, aggregate_stats, write_status_table  # noqa: E402
+from data.shards.format import CRAWL_SHARD_DIGITS, crawl_shard_stem, is_crawl_shard  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits (00000.tar)
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
 
 
 # --------------------------------------------------------------------------------------
@@ -79,7 +75,7 @@ def _download_shard_task(downloader: Any, shard: tuple[int, str], policy: FetchP
     shard_id, _ = shard
     # A shard whose stats exist is finished (stats are written last by img2dataset); this can
     # happen when a worker died between writing stats and reporting back.
-    if os.path.exists(os.path.join(downloader.output_folder, f"{shard_name(shard_id)}_stats.json")):
+    if os.path.exists(os.path.join(downloader.output_folder, f"{crawl_shard_stem(shard_id)}_stats.json")):
         return True, shard_id
     i2d.download_image = make_download_image(_fetcher_for(policy))
     ok, _ = downloader(shard)  # img2dataset's Downloader.__call__: catches, prints, returns (ok, row)
@@ -90,7 +86,7 @@ def _done_shards(out_dir: Path) -> set[int]:
     done = set()
     for p in out_dir.glob("*_stats.json"):
         head = p.name.split("_")[0]
-        if head.isdigit():
+        if is_crawl_shard(head):
             done.add(int(head))
     return done
 
@@ -204,7 +200,7 @@ def crawl(
             column_list=reader.column_list,
             timeout=policy.timeout,
             number_sample_per_shard=shard_size,
-            oom_shard_count=OOM_SHARD_COUNT,
+            oom_shard_count=CRAWL_SHARD_DIGITS,
             compute_hash="sha256",
             verify_hash_type=None,
             encode_format=encode_format,
@@ -290,7 +286,7 @@ def _distribute(
                     downloader,
                     shard,
                     worker_policy,
-                    key=f"img2dataset-shard-{shard_name(shard[0])}-{run_id}-try{attempt}",
+                    key=f"img2dataset-shard-{crawl_shard_stem(shard[0])}-{run_id}-try{attempt}",
                     pure=False,
                     # Dask already reschedules a task whose worker died (allowed-failures);
                     # what survives that lands in our resubmission loop below.

@@ -4,17 +4,19 @@ one row per candidate URL (key, url, status, reason) where reason is a stable co
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from data.common.files import atomic_path
+from data.shards.format import is_crawl_shard
 
 STATUS_FILE = "status.parquet"  # one row per candidate URL: key, url, status, reason
 
 
 def shard_parquets(crawl_dir: Path) -> list[Path]:
     """img2dataset's per-shard metadata files (00000.parquet, ...), not our status table."""
-    return sorted(p for p in Path(crawl_dir).glob("*.parquet") if p.stem.isdigit())
+    return sorted(p for p in Path(crawl_dir).glob("*.parquet") if is_crawl_shard(p))
 
 
 def _reason(status: str, error_message: Any) -> str:
@@ -40,9 +42,8 @@ def write_status_table(crawl_dir: Path) -> tuple[Path, dict[str, int]]:
     table["reason"] = [_reason(s, e) for s, e in zip(table["status"], table["error_message"])]
     table = table[["key", "url", "status", "reason"]].sort_values("key", ignore_index=True)
     path = Path(crawl_dir) / STATUS_FILE
-    tmp = path.with_name(f".{STATUS_FILE}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
     return path, _reason_counts(table["reason"])
 
 

@@ -21,18 +21,18 @@ test_key, train_key, distance), report.json.
 from __future__ import annotations
 
 import io
-import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from data.common.files import atomic_path, atomic_write_json
+from data.common.urls import normalise_for_dedup
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
+from data.shards.format import IMAGE_EXTS, is_crawl_shard, member_key_ext
 
 KEEP_FILE = "keep.parquet"
 DROPPED_FILE = "dropped.parquet"
@@ -40,23 +40,6 @@ PHASH_FILE = "phash.parquet"
 OVERLAP_FILE = "overlap.parquet"
 REPORT_FILE = "report.json"
 KEEP_COLUMNS = ["key", "tar", "url", "caption", "sha256"]
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def normalise_url(url: str) -> str:
-    """Same resource, same string: lower-case scheme and host, no default port, no fragment, query
-    parameters sorted."""
-    parts = urlsplit(str(url).strip())
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
-    query = urlencode(sorted(parse_qsl(parts.query, keep_blank_values=True)))
-    return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
 
 
 def load_successes(crawl_dir: Path) -> pd.DataFrame:
@@ -64,7 +47,7 @@ def load_successes(crawl_dir: Path) -> pd.DataFrame:
     crawl_dir = Path(crawl_dir)
     frames = []
     for p in sorted(crawl_dir.glob("*.parquet")):
-        if not p.stem.isdigit():  # only img2dataset shard metadata (00000.parquet), not stray files
+        if not is_crawl_shard(p):  # only img2dataset shard metadata (00000.parquet), not stray files
             continue
         names = pq.read_schema(p).names
         cols = [c for c in ("key", "url", "caption", "sha256", "status") if c in names]
@@ -111,8 +94,7 @@ def hash_tar_images(tar_path: str) -> list[tuple[str, int | None, bytes | None]]
         for member in tf:
             if not member.isfile():
                 continue
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
+            key, ext = member_key_ext(member.name)
             if ext.lower() not in IMAGE_EXTS:
                 continue
             data = tf.extractfile(member).read()  # type: ignore[union-attr]
@@ -216,7 +198,7 @@ def _dedup(crawl_dir: Path, out_dir: Path, near_duplicates: bool, max_distance: 
         df = df.loc[~mask].reset_index(drop=True)
 
     # 1. exact
-    for reason, key_of in (("duplicate_url", lambda d: d["url"].map(normalise_url)),
+    for reason, key_of in (("duplicate_url", lambda d: d["url"].map(normalise_for_dedup)),
                            ("duplicate_sha256", lambda d: d["sha256"])):
         column = key_of(df)  # of the rows the previous step kept
         first = df.groupby(column, sort=False)["key"].transform("first")
@@ -306,13 +288,10 @@ def _dedup(crawl_dir: Path, out_dir: Path, near_duplicates: bool, max_distance: 
             for name in bench_hashes
         },
     }
-    tmp = out_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / REPORT_FILE)
+    atomic_write_json(out_dir / REPORT_FILE, report)
     return {"input": n_input, "kept": len(keep), **{f"dropped_{r}": n for r, n in by_reason.items()}, **overlap_counts}
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)  # readers never see half a file
+    with atomic_path(path) as tmp:  # readers never see half a file
+        df.to_parquet(tmp, index=False)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from data.common.files import atomic_path, atomic_write, atomic_write_json
 
 
 class SklearnDigits:
@@ -101,8 +101,7 @@ def convert_to_wds(
     counts = [0] * len(names)
     with tqdm(total=n, desc=f"convert -> {out.name}", unit="img") as bar:
         for s in range(n_shards):
-            tmp = split_dir / f"{s}.tar.tmp"
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            with atomic_path(split_dir / f"{s}.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
                 for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
                     image, label = dataset[i]
                     label = int(label)
@@ -118,11 +117,10 @@ def convert_to_wds(
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
                     bar.update(1)
-            os.replace(tmp, split_dir / f"{s}.tar")
-    (out / "classnames.txt").write_text("\n".join(names) + "\n")
-    (out / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    atomic_write(out / "classnames.txt", "\n".join(names) + "\n")
+    atomic_write(out / "zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
     info = {"samples": n, "shards": n_shards, "classes": len(names), "class_counts": dict(zip(names, counts)),
             "image_format": ext}
-    (out / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (split_dir / "nshards.txt").write_text(f"{n_shards}\n")
+    atomic_write_json(out / "dataset_info.json", info)
+    atomic_write(split_dir / "nshards.txt", f"{n_shards}\n")  # last: its presence means every shard is there
     return info

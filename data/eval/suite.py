@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import time
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from data.common.files import atomic_path, atomic_write, atomic_write_json
 from data.eval import metrics as M
 from data.eval.registry import describe_missing, get_task, locate
 from data.eval.sources import BenchmarkDataError, TaskData, open_task_data
@@ -162,10 +164,8 @@ def classifier_for(model, tokenizer, classnames: Sequence[str], templates: Seque
         return torch.load(path, weights_only=True)
     head = build_classifier(model, tokenizer, classnames, templates, model.config.text.context_length, device).cpu()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(head, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # a temp name per writer: two evals at once never share one
+            torch.save(head, tmp)
     return head
 
 
@@ -329,15 +329,16 @@ def evaluate_suite(
 def write_reports(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.md", out_dir / "results.png"]
-    paths[0].write_text(json.dumps(report, indent=2, default=float) + "\n")
-    with open(paths[1], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "status", "metric", "value", "n", "clean", "overlap", "n_overlap", "data_hash", "message"])
-        for name, t in report["tasks"].items():
-            sub = t.get("subsets") or {}
-            w.writerow([name, t["status"], t.get("metric", t["paper_metric"]), _num(t.get("value")), t.get("n", ""),
-                        _num(sub.get("clean", {}).get("value")), _num(sub.get("overlap", {}).get("value")),
-                        sub.get("overlap", {}).get("n", ""), t.get("data_hash", ""), t.get("message", t.get("note", ""))])
+    atomic_write_json(paths[0], report, default=float)
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["task", "status", "metric", "value", "n", "clean", "overlap", "n_overlap", "data_hash", "message"])
+    for name, t in report["tasks"].items():
+        sub = t.get("subsets") or {}
+        w.writerow([name, t["status"], t.get("metric", t["paper_metric"]), _num(t.get("value")), t.get("n", ""),
+                    _num(sub.get("clean", {}).get("value")), _num(sub.get("overlap", {}).get("value")),
+                    sub.get("overlap", {}).get("n", ""), t.get("data_hash", ""), t.get("message", t.get("note", ""))])
+    atomic_write(paths[1], table.getvalue())
     lines = ["# Zero-shot results", "", f"Model: `{report['model']}` (weights sha256 {report['model_hash'][:12]})", "",
              f"**{report['tasks_ran']} of {report['tasks_total']} tasks ran** ({report['tasks_missing']} not "
              f"available, {report['tasks_failed']} failed). Mean over the tasks that ran: "
@@ -353,7 +354,7 @@ def write_reports(report: dict, out_dir: Path) -> list[Path]:
              for n, t in report["tasks"].items() if t.get("message") or t.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
-    paths[2].write_text("\n".join(lines) + "\n")
+    atomic_write(paths[2], "\n".join(lines) + "\n")
     _bar_chart(report, paths[3])
     return paths
 
@@ -373,7 +374,8 @@ def _bar_chart(report: dict, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f"zero-shot: {report['tasks_ran']} of {report['tasks_total']} tasks ran")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

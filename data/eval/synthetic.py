@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.synthetic import COLOURS, COUNTS, NUMBER_WORDS, SHAPES, SiteSpec, encode_jpeg, random_scene, render_scene
+from data.common.files import atomic_path, atomic_write, atomic_write_json
+from data.synthetic import (
+    COLOURS,
+    COUNTS,
+    NUMBER_WORDS,
+    SHAPES,
+    SiteSpec,
+    encode_jpeg,
+    random_scene,
+    render_scene,
+)
 
 
 @dataclass(frozen=True)
@@ -133,19 +142,18 @@ def build_synthetic_benchmark(
 
     split_dir = root / "test"
     split_dir.mkdir(parents=True, exist_ok=True)
-    (root / "classnames.txt").write_text("\n".join(bench.classnames) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(bench.templates) + "\n")
+    atomic_write(root / "classnames.txt", "\n".join(bench.classnames) + "\n")
+    atomic_write(root / "zeroshot_classification_templates.txt", "\n".join(bench.templates) + "\n")
 
-    tmp_tar = split_dir / "0.tar.tmp"
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # never a half-written shard under its real name
+    with atomic_path(split_dir / "0.tar") as tmp_tar, tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index, label in enumerate(labels):
             scene = random_scene(rng, **{bench.attribute: bench.values[label]})
             image = render_scene(scene, image_size, rng)
             key = f"{index:06d}"
             _add_member(tar, f"{key}.jpg", encode_jpeg(image, jpeg_quality))
             _add_member(tar, f"{key}.cls", str(label).encode())
-    os.replace(tmp_tar, split_dir / "0.tar")  # never leave a half-written shard under its real name
-    (split_dir / "nshards.txt").write_text("1\n")
+    atomic_write(split_dir / "nshards.txt", "1\n")
 
     counts = {bench.classnames[c]: labels.count(c) for c in range(len(bench.values))}
     info = {
@@ -159,7 +167,7 @@ def build_synthetic_benchmark(
         "generator": "data.synthetic.render_scene",
         **wanted,
     }
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(info_path, info)
     return root
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from data.common.files import atomic_path
 
 CANDIDATES_FILE = "candidates.parquet"
 CANDIDATE_COLUMNS = ("url", "caption", "source", "matched_query")
@@ -61,9 +62,8 @@ def write_candidates(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[list(CANDIDATE_COLUMNS)], schema=CANDIDATE_SCHEMA, preserve_index=False)
     path = out_dir / CANDIDATES_FILE
-    tmp = out_dir / f".{CANDIDATES_FILE}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # no half-written parquet if we die mid-write
+    with atomic_path(path) as tmp:  # no half-written parquet if we die mid-write
+        pq.write_table(table, tmp)
     return path
 
 

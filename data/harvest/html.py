@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin
+
+from data.common.urls import is_http_url, normalise_for_fetch
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 MAX_PAGE_BYTES = 8 << 20  # a "page" bigger than this is not worth parsing for alt text
@@ -152,20 +154,9 @@ def page_base(parser: _PageParser, page_url: str) -> str:
 def resolve_url(base: str, ref: str) -> str:
     """ref made absolute against base and normalised; "" for what urllib cannot parse ("http://[x")."""
     try:
-        return _normalise_url(urljoin(base, ref.strip()))
+        return normalise_for_fetch(urljoin(base, ref.strip()))
     except ValueError:  # one malformed attribute must not end a crawl
         return ""
-
-
-def _normalise_url(url: str) -> str:
-    """Drop the fragment; lower-case scheme/host; "http://h" == "http://h/" (else pages repeat)."""
-    parts = urlsplit(urldefrag(url.strip())[0])
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", parts.query, ""))
-
-
-def is_http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def parse_content_type(value: str | None) -> tuple[str, str | None]:

@@ -13,13 +13,12 @@ from urllib.parse import urlsplit
 from protego import Protego
 from tqdm.auto import tqdm
 
+from data.common.urls import is_http_url, normalise_for_fetch
 from data.crawl.fetch import DEFAULT_USER_AGENT  # one user agent for harvest and crawl
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
     HTML_TYPES,
     MAX_PAGE_BYTES,
-    _normalise_url,
-    is_http_url,
     page_base,
     page_rows,
     parse_html,
@@ -111,7 +110,7 @@ def harvest_site(
     robots_disallowed, img_tags, empty_alt, non_http_img, duplicate_candidates,
     candidates (+ the balancing counts with `queries`).
     """
-    seed = _normalise_url(str(seed_url))
+    seed = normalise_for_fetch(str(seed_url))
     if not is_http_url(seed):
         raise ValueError(f"seed URL must be an absolute http(s):// URL, got {seed_url!r}")
     allowed = {h.lower() for h in (allowed_hosts or [urlsplit(seed).netloc])}
@@ -142,7 +141,7 @@ def harvest_site(
                     raise ConnectionError(f"seed URL {seed} is unreachable: {_reason(err)}") from err
                 counts["page_errors"] += 1
                 continue
-            final_url = _normalise_url(final_url)
+            final_url = normalise_for_fetch(final_url)
             if url == seed and allowed_hosts is None:
                 allowed.add(urlsplit(final_url).netloc)  # follow the seed's own redirect (http->https, www.)
             if ctype not in HTML_TYPES:

@@ -8,7 +8,7 @@ import io
 import json
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.common.errors import one_line
+from data.common.urls import is_http_url
 from data.harvest.candidates import write_candidates
-from data.harvest.html import is_http_url, resolve_url
+from data.harvest.html import resolve_url
 
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 _FORMAT_ALIASES = {"ndjson": "jsonl", "jsonlines": "jsonl", "pq": "parquet"}
@@ -37,6 +38,16 @@ _READ_ERRORS = (
 
 
 
+def format_from_name(name: str) -> str | None:
+    """The URL list format a file name implies (a trailing .gz looked through), or None."""
+    suffixes = [s.lower() for s in PurePosixPath(name).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1].lstrip(".") if suffixes else ""
+    fmt = _FORMAT_ALIASES.get(ext, ext)
+    return fmt if fmt in URL_LIST_FORMATS else None
+
+
 def _list_format(path: Path, file_format: str | None) -> str:
     if file_format is not None:
         fmt = _FORMAT_ALIASES.get(file_format.lower().lstrip("."), file_format.lower().lstrip("."))
@@ -45,12 +56,10 @@ def _list_format(path: Path, file_format: str | None) -> str:
                 f"{path}: unknown URL list format {file_format!r}; expected one of {', '.join(URL_LIST_FORMATS)}"
             )
         return fmt
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    ext = suffixes[-1].lstrip(".") if suffixes else ""
-    fmt = _FORMAT_ALIASES.get(ext, ext)
-    if fmt not in URL_LIST_FORMATS:
+    fmt = format_from_name(path.name)
+    if fmt is None:
+        suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+        ext = suffixes[-1].lstrip(".") if suffixes else ""
         raise ValueError(
             f"{path}: unknown URL list format {('.' + ext) if ext else '(no extension)'}; expected "
             f"{', '.join('.' + f for f in URL_LIST_FORMATS)} (optionally + .gz), or pass file_format="
@@ -59,11 +68,7 @@ def _list_format(path: Path, file_format: str | None) -> str:
 
 
 def _known(path: Path) -> bool:
-    try:
-        _list_format(path, None)
-    except ValueError:
-        return False
-    return True
+    return format_from_name(path.name) is not None
 
 
 def _open_bytes(path: Path) -> io.BufferedIOBase:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from data.common.errors import one_line
+from data.common.urls import is_http_url
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
     HTML_TYPES,
     MAX_PAGE_BYTES,
-    is_http_url,
     page_rows,
     parse_content_type,
     parse_html,

@@ -83,10 +83,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from data.shards.format import CAPTION_EXT, IMAGE_EXTS, SIZES_FILE, image_ext, is_crawl_shard, split_glob
 
-SIZES_FILE = "sizes.json"
-IMAGE_KEYS = ("jpg", "png", "webp")  # open_clip's rename(image="jpg;png;webp")
-TEXT_KEY = "txt"
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 # Drop reasons. The first group is found on raw bytes (before the shuffle and the resume skip),
@@ -109,7 +107,7 @@ def _looks_like_image(data: bytes) -> bool:
         return False
 
 
-_WANTED = frozenset((*IMAGE_KEYS, TEXT_KEY))
+_WANTED = frozenset((*IMAGE_EXTS, CAPTION_EXT))
 
 
 def _wanted_member(fname: str) -> bool:
@@ -135,9 +133,9 @@ def list_shards(shard_paths_or_dir: str | Path | Sequence[str | Path], split: st
         path = Path(shard_paths_or_dir)
         if not path.is_dir():
             return [path]
-        named = sorted(path.glob(f"{split}-*.tar"))
+        named = sorted(path.glob(split_glob(split)))
         # only all-digit names: a dir holding val-*.tar but no train-*.tar must not fall through to val
-        return named or sorted(p for p in path.glob("*.tar") if p.stem.isdigit())
+        return named or sorted(p for p in path.glob("*.tar") if is_crawl_shard(p))
     return [Path(p) for p in shard_paths_or_dir]
 
 
@@ -263,15 +261,15 @@ def _watch(src: Iterable[dict], state: _ReaderState, limit: int, where: str) -> 
 def _check(src: Iterable[dict], state: _ReaderState) -> Iterator[dict]:
     """Raw-level validation, cheap enough to run on every sample (also on those a resume skips)."""
     for sample in src:
-        ext = next((e for e in IMAGE_KEYS if e in sample), None)
+        ext = image_ext(sample)
         if ext is None:
             state.raw_counts["missing_image"] += 1
             continue
-        if TEXT_KEY not in sample:
+        if CAPTION_EXT not in sample:
             state.raw_counts["missing_text"] += 1
             continue
         try:
-            text = sample[TEXT_KEY].decode("utf-8")
+            text = sample[CAPTION_EXT].decode("utf-8")
         except UnicodeDecodeError:
             state.raw_counts["bad_text"] += 1
             continue

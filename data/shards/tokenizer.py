@@ -6,6 +6,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from data.common.files import atomic_path
 from data.shards import shard_paths
 
 
@@ -28,6 +29,6 @@ def train_tokenizer(shard_dir: Path, out_path: Path, *, vocab_size: int) -> dict
     if not captions:
         raise ValueError(f"no captions found in {shard_dir} train shards: nothing to train a tokenizer on")
     tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out_path)
+    with atomic_path(out_path) as tmp:
+        tokenizer.save(tmp)
     return {"path": str(out_path), "vocab_size": tokenizer.vocab_size, "captions": len(captions)}

@@ -8,7 +8,6 @@ dataset size, and the output order is a true global shuffle.
 from __future__ import annotations
 
 import json
-import os
 import random
 import tarfile
 from collections import OrderedDict
@@ -18,9 +17,19 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-SIZES_FILE = "sizes.json"
-SHARDS_MANIFEST_FILE = "shards.json"  # {shard: {"samples": n, "sha256": hex}}
-IMAGE_EXTS = ("jpg", "png", "webp")  # img2dataset encode formats
+from data.common.files import atomic_path, atomic_write_json, sha256_file
+from data.shards.format import (
+    CAPTION_EXT,
+    METADATA_EXT,
+    SHARDS_MANIFEST_FILE,
+    SIZES_FILE,
+    SPLITS,
+    image_ext,
+    member_key_ext,
+    shard_file_name,
+    split_glob,
+)
+
 _OPEN_TARS = 64  # LRU of open input tars while copying in shuffled order
 _TAR_MTIME = 0  # fixed member mtime => identical inputs give byte-identical shards (stable hashes)
 
@@ -28,12 +37,6 @@ _Member = tuple[str, int, int]  # (tar path, data offset, size)
 
 
 # ------------------------------------------------------------------------------- writing
-def _split_name(name: str) -> tuple[str, str]:
-    base = os.path.basename(name)
-    key, _, ext = base.partition(".")  # webdataset convention: key = up to the first dot
-    return key, ext
-
-
 def _index_tars(crawl_dir: Path, tars: list[str], wanted: set[str]) -> dict[str, dict[str, _Member]]:
     index: dict[str, dict[str, _Member]] = {}
     for tar_name in tqdm(tars, desc="index crawl tars", unit="tar", leave=False):
@@ -42,7 +45,7 @@ def _index_tars(crawl_dir: Path, tars: list[str], wanted: set[str]) -> dict[str,
             for m in tf:
                 if not m.isfile():
                     continue
-                key, ext = _split_name(m.name)
+                key, ext = member_key_ext(m.name)
                 if key in wanted:
                     index.setdefault(key, {})[ext] = (path, m.offset_data, m.size)
     return index
@@ -70,10 +73,6 @@ class _TarReader:
         self.files.clear()
 
 
-def _image_ext(members: dict[str, _Member]) -> str | None:
-    return next((e for e in IMAGE_EXTS if e in members), None)
-
-
 def write_shards(
     crawl_dir: Path,
     keep_parquet: Path,
@@ -98,7 +97,7 @@ def write_shards(
     keep = pd.read_parquet(keep_parquet, columns=["key", "tar"])
     index = _index_tars(crawl_dir, sorted(keep["tar"].unique()), set(keep["key"]))
 
-    keys = [k for k in sorted(keep["key"]) if k in index and _image_ext(index[k]) and "txt" in index[k]]
+    keys = [k for k in sorted(keep["key"]) if k in index and image_ext(index[k]) and CAPTION_EXT in index[k]]
     missing = len(keep) - len(keys)
     random.Random(seed).shuffle(keys)
     n = len(keys)
@@ -106,7 +105,7 @@ def write_shards(
     splits = {"val": keys[:n_val], "train": keys[n_val:]}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("train-*.tar"), *out_dir.glob("val-*.tar"), out_dir / SIZES_FILE,
+    for stale in [*(p for split in SPLITS for p in out_dir.glob(split_glob(split))), out_dir / SIZES_FILE,
                   out_dir / SHARDS_MANIFEST_FILE]:
         stale.unlink(missing_ok=True)  # a previous run with more shards must not leak into this one
 
@@ -116,31 +115,29 @@ def write_shards(
     reader = _TarReader()
     try:
         with tqdm(total=n, desc="write shards", unit="sample", leave=False) as bar:
-            for split in ("train", "val"):
+            for split in SPLITS:
                 split_keys = splits[split]
                 for shard_idx, start in enumerate(range(0, len(split_keys), samples_per_shard)):
-                    name = f"{split}-{shard_idx:06d}.tar"
+                    name = shard_file_name(split, shard_idx)
                     chunk = split_keys[start : start + samples_per_shard]
-                    with wds.TarWriter(str(out_dir / name), mtime=_TAR_MTIME) as sink:
+                    with atomic_path(out_dir / name) as tmp, wds.TarWriter(str(tmp), mtime=_TAR_MTIME) as sink:
                         for key in chunk:
                             members = index[key]
-                            img_ext = _image_ext(members)
+                            img_ext = image_ext(members)
                             sample = {"__key__": key, img_ext: reader.read(members[img_ext])}
-                            sample["txt"] = reader.read(members["txt"])
-                            if "json" in members:
-                                sample["json"] = reader.read(members["json"])
+                            sample[CAPTION_EXT] = reader.read(members[CAPTION_EXT])
+                            if METADATA_EXT in members:
+                                sample[METADATA_EXT] = reader.read(members[METADATA_EXT])
                             sink.write(sample)
                             bar.update(1)
                     sizes[name] = len(chunk)
     finally:
         reader.close()
 
-    from data.common.manifest import file_sha256
-
-    shards = {name: {"samples": n, "sha256": file_sha256(out_dir / name)} for name, n in sorted(sizes.items())}
-    (out_dir / SHARDS_MANIFEST_FILE).write_text(json.dumps(shards, indent=2) + "\n")
+    shards = {name: {"samples": n, "sha256": sha256_file(out_dir / name)} for name, n in sorted(sizes.items())}
+    atomic_write_json(out_dir / SHARDS_MANIFEST_FILE, shards)
     # sizes.json last: its presence means the shard set is complete (open_clip's format).
-    (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out_dir / SIZES_FILE, sizes, sort_keys=True)
     n_shards = {s: sum(1 for k in sizes if k.startswith(f"{s}-")) for s in ("train", "val")}
     return {
         "train": len(splits["train"]),
@@ -154,7 +151,7 @@ def write_shards(
 # ------------------------------------------------------------------------------- reading
 def shard_paths(shard_dir: Path, split: str) -> list[Path]:
     """Sorted `{split}-*.tar` paths in shard_dir."""
-    return sorted(Path(shard_dir).glob(f"{split}-*.tar"))
+    return sorted(Path(shard_dir).glob(split_glob(split)))
 
 
 def count_samples(shard_dir: Path, split: str) -> int:

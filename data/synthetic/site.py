@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from data.synthetic.scenes import Scene, describe_scene, encode_jpeg, random_scene, render_scene
+from data.synthetic.scenes import (
+    Scene,
+    describe_scene,
+    encode_jpeg,
+    random_scene,
+    render_scene,
+)
 
 # The demo's faults: the ones every downloader meets and must merely count.
 DEMO_FAULT_KINDS: tuple[str, ...] = ("404", "500", "slow", "truncated", "not_image")
