@@ -31,6 +31,7 @@ from data.crawl.fetch import FetchPolicy
 from data.dedup import dedup
 from data.harvest import harvest_site
 from data.shards import count_samples, shard_paths, write_shards
+from support.policies import loopback
 
 N_IMAGES = 40
 # Tests that need a real crawl: the first one pays a LocalCluster start + img2dataset import
@@ -193,7 +194,7 @@ def site():
 def harvested(site, tmp_path_factory):
     _, base = site
     out = tmp_path_factory.mktemp("harvest")
-    counts = harvest_site(base, out, timeout=5.0)
+    counts = harvest_site(base, out, policy=loopback(5.0))
     return out, counts
 
 
@@ -250,9 +251,9 @@ def test_harvest_finds_pages_and_candidates(site, harvested):
 
 def test_harvest_bounds(site, tmp_path):
     _, base = site
-    shallow = harvest_site(base + "/", tmp_path / "a", max_depth=1)
+    shallow = harvest_site(base + "/", tmp_path / "a", max_depth=1, policy=loopback())
     assert shallow["pages_fetched"] == 3  # page4 is at depth 2
-    one = harvest_site(base, tmp_path / "b", max_pages=1)
+    one = harvest_site(base, tmp_path / "b", max_pages=1, policy=loopback())
     assert one["pages_fetched"] == 1 and one["candidates"] == 14 + 1  # img 00..13 + "spaced out"
 
 
@@ -262,17 +263,19 @@ def test_harvest_bad_seeds(site, tmp_path):
         harvest_site("ftp://example.com/", tmp_path)
     with pytest.raises(ValueError, match="http"):
         harvest_site("/just/a/path", tmp_path)
+    with pytest.raises(ConnectionError, match=r"refused by the address guard \(127.0.0.1 -> 127.0.0.1 \(loopback\)\)"):
+        harvest_site(base, tmp_path)  # the default policy: loopback is not for crawling
     with pytest.raises(ConnectionError, match="unreachable"):
-        harvest_site(base + "/nope.html", tmp_path)
+        harvest_site(base + "/nope.html", tmp_path, policy=loopback())
     with pytest.raises(PermissionError, match="robots.txt"):
-        harvest_site(base + "/private/secret.html", tmp_path)
-    assert harvest_site(base + "/private/secret.html", tmp_path, respect_robots=False)["candidates"] == 1
+        harvest_site(base + "/private/secret.html", tmp_path, policy=loopback())
+    assert harvest_site(base + "/private/secret.html", tmp_path, respect_robots=False, policy=loopback())["candidates"] == 1
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     with pytest.raises(ConnectionError, match=f"seed URL http://127.0.0.1:{port}/ is unreachable"):
-        harvest_site(f"http://127.0.0.1:{port}", tmp_path, timeout=2)
+        harvest_site(f"http://127.0.0.1:{port}", tmp_path, policy=loopback(2))
 
 
 # ---------------------------------------------------------------------------------- crawl

@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from data.crawl.fetch import Fetcher, FetchError, FetchPolicy, classify_address
+from data.common.http import classify_address
+from data.crawl.fetch import Fetcher, FetchError, FetchPolicy
 
 
 def _jpeg(size: tuple[int, int] = (32, 24)) -> bytes:

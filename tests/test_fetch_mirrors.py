@@ -418,21 +418,21 @@ def test_download_files_contract(mirror, tmp_path):
 def test_proxy_from_environment(mirror, tmp_path, monkeypatch):
     """http_proxy is used for non-loopback hosts (here the mirror server plays the proxy, so the
     made-up host is never resolved); loopback hosts and no_proxy entries go direct."""
-    from data.acquire.download import _proxy_for
+    from data.common.http import proxy_for
 
     srv, base = mirror()
     for var in ("no_proxy", "NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("http_proxy", base)
     monkeypatch.setenv("https_proxy", "http://user:pw@proxy.example:3128")
-    host, port, headers = _proxy_for("https", "huggingface.co")
+    host, port, headers = proxy_for("https", "huggingface.co")
     assert (host, port, headers["Proxy-Authorization"]) == ("proxy.example", 3128, "Basic dXNlcjpwdw==")
-    assert _proxy_for("http", "127.0.0.1") is None and _proxy_for("http", "localhost") is None
+    assert proxy_for("http", "127.0.0.1") is None and proxy_for("http", "localhost") is None
     r = download_files([(f"http://mirror.example/{REPO}/classnames.txt", tmp_path / "c.txt")], progress=False)
     assert r["downloaded"] == 1 and (tmp_path / "c.txt").read_bytes() == (mirror.root / REPO / "classnames.txt").read_bytes()
     assert srv.gets(f"/{REPO}/classnames.txt") == 1
     monkeypatch.setenv("no_proxy", "huggingface.co")
-    assert _proxy_for("https", "huggingface.co") is None
+    assert proxy_for("https", "huggingface.co") is None
 
 
 # ----------------------------------------------------------------------------- (d) unreachable

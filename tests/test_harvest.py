@@ -27,6 +27,7 @@ from data.harvest import (
     write_candidates,
 )
 from data.harvest.queries import QueryIndex, balance_by_queries, load_queries, tokens
+from support.policies import loopback
 
 
 def _read(out: Path) -> pd.DataFrame:
@@ -356,7 +357,7 @@ def test_site_srcset_and_lazy_src(serve, tmp_path):
         )
     }
     base, _ = serve(routes)
-    counts = harvest_site(base, tmp_path / "out", timeout=5)
+    counts = harvest_site(base, tmp_path / "out", policy=loopback(5))
     page = base + "/"
     s = base + "/static/"
     assert _triples(_read(tmp_path / "out")) == {
@@ -394,13 +395,13 @@ def test_site_robots_with_protego(serve, tmp_path):
         **{u: _page(f'<img src="/i{u.split("?")[0]}.jpg" alt="{u}">') for u in links},
     }
     base, log = serve(routes)
-    counts = harvest_site(base, tmp_path / "out", timeout=5)
+    counts = harvest_site(base, tmp_path / "out", policy=loopback(5))
     # Google/RFC 9309 semantics: the longest match wins, so Allow beats the shorter Disallow; wildcards work
     assert sorted(log) == sorted(["/robots.txt", "/", "/private/open.html", "/public.html"])
     assert counts["robots_disallowed"] == 3 and counts["pages_fetched"] == 3
     assert set(_read(tmp_path / "out")["caption"]) == {"home", "/private/open.html", "/public.html"}
     with pytest.raises(PermissionError, match="robots.txt"):
-        harvest_site(base + "/private/a.html", tmp_path / "x", timeout=5)
+        harvest_site(base + "/private/a.html", tmp_path / "x", policy=loopback(5))
     assert log.count("/robots.txt") == 2  # once per harvest, not once per page
 
 
@@ -408,11 +409,11 @@ def test_site_robots_with_protego(serve, tmp_path):
 def test_site_robots_status_conventions(serve, tmp_path, status, allowed):
     base, log = serve({"/": _page('<img src="a.jpg" alt="a">'), "/robots.txt": (status, "text/plain", b"x")})
     if allowed:
-        assert harvest_site(base, tmp_path, timeout=5)["candidates"] == 1
+        assert harvest_site(base, tmp_path, policy=loopback(5))["candidates"] == 1
         assert log == ["/robots.txt", "/"]
     else:
         with pytest.raises(PermissionError, match="disallowed"):
-            harvest_site(base, tmp_path, timeout=5)
+            harvest_site(base, tmp_path, policy=loopback(5))
         assert log == ["/robots.txt"]
 
 

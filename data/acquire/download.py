@@ -26,22 +26,22 @@ fetching URL``. Later transient errors (timeouts, resets, 429, 5xx, short bodies
 sha256 not matched) are retried ``retries`` times, resuming what arrived. The first file that still
 fails stops the others (their parts stay for the next run) and raises `DownloadError` naming it.
 
-Proxies from the environment (``http_proxy``, ``https_proxy``, ``no_proxy``) are used, except for
-loopback hosts. Content is requested with ``Accept-Encoding: identity``: the bytes on disk are the
-bytes of the file.
+Requests go through the shared HTTP layer (`data.common.http`: user agent, redirects, timeouts,
+Retry-After) with the policy for files the user named: no address guard (a mirror on the company
+network is fine), and proxies from the environment (``http_proxy``, ``https_proxy``, ``no_proxy``)
+except for loopback hosts. Content is requested with ``Accept-Encoding: identity``: the bytes on
+disk are the bytes of the file.
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
 import re
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -51,19 +51,24 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
-from urllib.request import getproxies, proxy_bypass
 
+from data.common.errors import one_line
 from data.common.files import atomic_write_json, sha256_file, sha256_hasher
+from data.common.http import (
+    HttpClient,
+    HttpError,
+    HttpPolicy,
+    Response,
+    hostport,
+    parse_retry_after,
+    split_url,
+)
 
-USER_AGENT = "witclip-fetch/0.1 (+https://github.com/witclip)"
 FETCH_MANIFEST = ".witclip-fetch.json"  # the usual manifest name: what was downloaded into a directory, with sha256s
 CHUNK_BYTES = 256 * 1024
-MAX_REDIRECTS = 5
 MAX_RETRY_AFTER_S = 30.0
 MANIFEST_VERSION = 1
 PART_SUFFIX = ".part"
-_REDIRECTS = (301, 302, 303, 307, 308)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
@@ -115,182 +120,38 @@ class _Stopped(Exception):
 
 
 # ----------------------------------------------------------------------------- connections
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_url(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, request target) of an http(s) URL; _Permanent if it is not one."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _Permanent(f"not an http(s) URL: {url!r}")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise _Permanent(f"bad port in URL {url!r}") from None
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.scheme, parts.hostname, port, target
-
-
-def _proxy_for(scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
-    """(proxy host, port, extra headers) from the environment, or None for a direct connection."""
-    if _is_loopback(host):
-        return None
-    proxy = getproxies().get(scheme)
-    if not proxy or proxy_bypass(host):
-        return None
-    if "://" not in proxy:
-        proxy = "http://" + proxy
-    p = urlsplit(proxy)
-    if not p.hostname:
-        return None
-    headers = {}
-    if p.username:
-        token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
-        headers["Proxy-Authorization"] = f"Basic {token}"
-    return p.hostname, p.port or 80, headers
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _connect_reason(err: BaseException, timeout: float) -> str:
-    if isinstance(err, socket.gaierror):
-        return f"name resolution failed: {err.strerror or _short(err)}"
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, (socket.timeout, TimeoutError)):
-        return f"connect timeout after {timeout:g}s"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror.lower()
-    return _short(err)
-
-
-def _resolve(host: str, port: int, timeout: float, where: str) -> None:
-    """getaddrinfo has no timeout of its own: give it `timeout` seconds in a helper thread."""
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            outcome.append(None)
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            outcome.append(err)
-
-    t = threading.Thread(target=run, name=f"resolve-{host}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if not outcome:
-        raise _Transient(f"name resolution timed out after {timeout:g}s", where=where)
-    if outcome[0] is not None:
-        raise _Transient(_connect_reason(outcome[0], timeout), where=where)
-
-
 @dataclass
 class _Opened:
-    conn: http.client.HTTPConnection
-    resp: http.client.HTTPResponse
-    url: str  # after redirects
+    response: Response
     linked_sha256: str | None  # a sha256 the server published for the file (Hugging Face LFS)
 
 
-class _Http:
-    """Connections with separate connect / read timeouts, proxies and redirects."""
+def _as_download_error(err: HttpError, url: str) -> Exception:
+    """The shared layer's error as this module's internal ones: permanent or worth another attempt."""
+    if err.permanent:
+        return _Permanent(err.detail or err.reason)
+    return _Transient(err.detail or err.reason, where=err.where)
 
-    def __init__(self, connect_timeout: float, read_timeout: float):
-        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.ssl = ssl.create_default_context()
 
-    def _connect(self, url: str, read_timeout: float, resolve_first: bool
-                 ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
-        scheme, host, port, target = _split_url(url)
-        proxy = _proxy_for(scheme, host)
-        headers: dict[str, str] = {}
-        if proxy is None:
-            where, chost, cport = _hostport(host, port), host, port
-        else:
-            chost, cport, proxy_headers = proxy
-            where = f"proxy {_hostport(chost, cport)}"
-        if resolve_first:
-            _resolve(chost, cport, self.connect_timeout, where)
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
-        if scheme == "https":
-            kwargs["context"] = self.ssl
-        if proxy is None:
-            conn = cls(host, port, **kwargs)
-        elif scheme == "https":
-            conn = cls(chost, cport, **kwargs)
-            conn.set_tunnel(host, port, headers=proxy_headers)
-        else:
-            conn = http.client.HTTPConnection(chost, cport, timeout=self.connect_timeout)
-            target = url  # a plain-HTTP proxy takes the absolute URL
-            headers.update(proxy_headers)
-        try:
-            conn.connect()
-        except ssl.SSLCertVerificationError as err:
-            conn.close()
-            raise _Permanent(f"TLS certificate of {_hostport(host, port)} not accepted "
-                             f"({err.verify_message or _short(err)})") from None
-        except ssl.SSLError as err:
-            conn.close()
-            raise _Transient(f"TLS handshake with {_hostport(host, port)} failed ({_short(err)})") from None
-        except OSError as err:  # refused, DNS, timeout, unreachable network, proxy tunnel refused
-            conn.close()
-            raise _Transient(_connect_reason(err, self.connect_timeout), where=where) from None
-        conn.sock.settimeout(read_timeout)
-        return conn, target, headers
+def _open(client: HttpClient, url: str, method: str, headers: dict[str, str], *, follow: bool = True) -> _Opened:
+    """Send the request (after redirects, when `follow`), noting a published sha256 on any hop."""
+    linked: list[str] = []
 
-    def open(self, url: str, method: str, headers: dict[str, str], *, follow: bool = True,
-             read_timeout: float | None = None, resolve_first: bool = False) -> _Opened:
-        """Send the request and return the response (after redirects, when `follow`)."""
-        read_timeout = self.read_timeout if read_timeout is None else read_timeout
-        linked: str | None = None
-        for _ in range(MAX_REDIRECTS + 1):
-            conn, target, extra = self._connect(url, read_timeout, resolve_first)
-            where = _hostport(*_split_url(url)[1:3])
-            try:
-                conn.request(method, target, headers={"User-Agent": USER_AGENT, **headers, **extra})
-                resp = conn.getresponse()
-            except (socket.timeout, TimeoutError):
-                conn.close()
-                raise _Transient(f"no HTTP response within {read_timeout:g}s", where=where) from None
-            except (http.client.HTTPException, OSError) as err:
-                conn.close()
-                raise _Transient(f"connection closed without an HTTP response ({_short(err)})",
-                                 where=where) from None
-            tag = (resp.getheader("X-Linked-Etag") or "").strip().strip('"').lower()
-            if _SHA256_RE.match(tag):
-                linked = tag
-            location = resp.getheader("Location")
-            if follow and resp.status in _REDIRECTS and location:
-                conn.close()
-                url = urljoin(url, location)
-                continue
-            return _Opened(conn, resp, url, linked)
-        raise _Permanent(f"more than {MAX_REDIRECTS} redirects")
+    def note_linked_sha256(response: Response) -> None:
+        tag = (response.header("X-Linked-Etag") or "").strip().strip('"').lower()
+        if _SHA256_RE.match(tag):
+            linked.append(tag)
+
+    try:
+        response = client.open(url, method, headers, follow_redirects=follow, on_response=note_linked_sha256)
+    except HttpError as err:
+        raise _as_download_error(err, url) from None
+    return _Opened(response, linked[-1] if linked else None)
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return min(float(value.strip()), MAX_RETRY_AFTER_S)
-    return None
+    seconds = parse_retry_after(value)
+    return None if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -396,8 +257,11 @@ class _Progress:
 
 
 class _Downloader:
-    def __init__(self, manifest: _Manifest, http: _Http, retries: int, progress: _Progress):
-        self.m, self.http, self.retries, self.progress = manifest, http, retries, progress
+    def __init__(self, manifest: _Manifest, policy: HttpPolicy, retries: int, progress: _Progress):
+        self.m, self.retries, self.progress = manifest, retries, progress
+        self.client = HttpClient(policy)
+        # the probe waits for an answer no longer than for a connection
+        self.probe_client = HttpClient(dataclasses.replace(policy, timeout=policy.connect_seconds))
         self.stop = threading.Event()
 
     # ---- before any request
@@ -427,11 +291,9 @@ class _Downloader:
     def probe(self, url: str) -> None:
         """One HEAD with short timeouts: any HTTP answer means the host is there."""
         try:
-            opened = self.http.open(url, "HEAD", {}, follow=False, read_timeout=self.http.connect_timeout,
-                                    resolve_first=True)
-            opened.conn.close()
+            _open(self.probe_client, url, "HEAD", {}, follow=False).response.close()
         except _Transient as err:
-            where = err.where or _hostport(*_split_url(url)[1:3])
+            where = err.where or hostport(*split_url(url)[1:3])
             raise HostUnreachable(f"cannot reach {where} ({err.reason}) while fetching {url}") from None
         except _Permanent as err:
             raise DownloadError(f"cannot fetch {url}: {err.reason}") from None
@@ -486,15 +348,15 @@ class _Downloader:
             validator = etag if etag and not etag.startswith("W/") else (meta or {}).get("last_modified")
             if validator:
                 headers["If-Range"] = validator
-        opened = self.http.open(item.url, "GET", headers)
+        opened = _open(self.client, item.url, "GET", headers)
         try:
             return self._receive(item, key, part, offset, meta, opened)
         finally:
-            opened.conn.close()
+            opened.response.close()
 
     def _receive(self, item: DownloadItem, key: str, part: Path, offset: int, meta: dict | None,
                  opened: _Opened) -> tuple[str, int]:
-        resp = opened.resp
+        resp = opened.response.raw
         status = resp.status
         if status == 416 and offset:
             part.unlink(missing_ok=True)
@@ -549,12 +411,12 @@ class _Downloader:
                     try:
                         chunk = resp.read1(CHUNK_BYTES)
                     except (socket.timeout, TimeoutError):
-                        err = _Transient(f"stalled: no data for {self.http.read_timeout:g}s after "
+                        err = _Transient(f"stalled: no data for {self.client.policy.timeout:g}s after "
                                          f"{offset + got} of {total if total is not None else '?'} bytes")
                         err.received = got
                         raise err from None
                     except (http.client.HTTPException, OSError) as exc:
-                        err = _Transient(f"connection broken after {offset + got} bytes ({_short(exc)})")
+                        err = _Transient(f"connection broken after {offset + got} bytes ({one_line(exc, 117, with_type=False)})")
                         err.received = got
                         raise err from None
                     if not chunk:
@@ -629,17 +491,18 @@ def download_files(
         raise ValueError("workers must be >= 1, retries >= 0 and timeouts > 0")
     for it in todo:
         try:
-            _split_url(it.url)
-        except _Permanent as err:
-            raise ValueError(err.reason) from None
+            split_url(it.url)
+        except HttpError as err:
+            raise ValueError(err.detail) from None
     dests = [os.path.abspath(it.dest) for it in todo]
     if len(set(dests)) != len(dests):
         dup = next(d for d in dests if dests.count(d) > 1)
         raise ValueError(f"two downloads write the same file {dup}")
 
     bar = _Progress(progress, desc)
-    d = _Downloader(_Manifest(Path(manifest) if manifest is not None else None), _Http(connect_timeout, read_timeout),
-                    retries, bar)
+    # files the user named: any address, proxies from the environment (the guard is for crawled URLs)
+    policy = HttpPolicy(timeout=read_timeout, connect_timeout=connect_timeout, guard=False, use_env_proxies=True)
+    d = _Downloader(_Manifest(Path(manifest) if manifest is not None else None), policy, retries, bar)
     status: dict[str, str] = {}
     received = 0
     try:
@@ -654,7 +517,7 @@ def download_files(
 
         probed: set[tuple[str, str, int]] = set()
         for it, _ in pending:
-            scheme, host, port, _target = _split_url(it.url)
+            scheme, host, port, _target = split_url(it.url)
             if (scheme, host, port) not in probed:
                 d.probe(it.url)
                 probed.add((scheme, host, port))

@@ -26,7 +26,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from data.common.cluster import dask_client  # noqa: E402
 from data.crawl.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
-from data.crawl.status import STATUS_FILE, _reason_counts, aggregate_stats, write_status_table  # noqa: E402
+from data.crawl.status import (  # noqa: E402
+    STATUS_FILE,
+    _reason_counts,
+    aggregate_stats,
+    write_status_table,
+)
 from data.shards.format import CRAWL_SHARD_DIGITS, crawl_shard_stem, is_crawl_shard  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -113,21 +118,18 @@ def crawl(
     shard_size: int = 256,
     processes: int = 2,
     threads: int = 16,
-    timeout: float = 2.0,
     retries: int = 0,
     max_shard_retry: int = 1,
     scheduler_address: str | None = None,
     encode_format: str = "jpg",
-    max_image_seconds: float | None = None,
     policy: FetchPolicy | None = None,
 ) -> dict[str, Any]:
     """Download candidates into img2dataset webdataset shards in out_dir, one Dask task per shard.
 
     Every image goes through data.crawl.fetch.Fetcher with `policy` (address guard, robots.txt,
-    per-host limits, Retry-After, byte and pixel caps, total deadline); without a policy one is
-    built from `timeout` (per socket operation) and `max_image_seconds` (total deadline per
-    request, default 4 * timeout). The policy's per-host limits are for the whole cluster and
-    are divided among its worker processes.
+    per-host limits, Retry-After, byte and pixel caps, timeouts and deadline; default
+    `FetchPolicy()`). The policy's per-host limits are for the whole cluster and are divided among
+    its worker processes.
 
     Shards with an existing `_stats.json` are skipped, so re-running resumes (the shard
     <-> rows mapping assumes the same candidates file and shard_size). With
@@ -144,9 +146,7 @@ def crawl(
     columns = _validate_candidates(candidates_parquet)
     if shard_size < 1 or processes < 1 or threads < 1:
         raise ValueError("shard_size, processes and threads must all be >= 1")
-    if policy is None:
-        deadline = float(max_image_seconds if max_image_seconds is not None else 4 * timeout)
-        policy = FetchPolicy(timeout=timeout, deadline=deadline)
+    policy = policy or FetchPolicy()
 
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from protego import Protego
 from tqdm.auto import tqdm
 
+from data.common.http import HttpClient, HttpError, HttpPolicy, RobotsCache
 from data.common.urls import is_http_url, normalise_for_fetch
-from data.crawl.fetch import DEFAULT_USER_AGENT  # one user agent for harvest and crawl
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
     HTML_TYPES,
     MAX_PAGE_BYTES,
     page_base,
     page_rows,
+    parse_content_type,
     parse_html,
     resolve_url,
 )
@@ -33,56 +32,37 @@ def _host_allowed(url: str, allowed: set[str]) -> bool:
     return parts.netloc.lower() in allowed or (parts.hostname or "").lower() in allowed
 
 
-def _fetch(url: str, timeout: float, user_agent: str) -> tuple[str, str, bytes, str]:
-    """GET url -> (final url after redirects, content type, body, charset). Raises on HTTP/network errors."""
-    req = urllib.request.Request(url, headers={"User-Agent": user_agent, "Accept": "text/html,*/*;q=0.5"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        ctype = (resp.headers.get_content_type() or "").lower()
-        charset = resp.headers.get_content_charset() or "utf-8"
-        body = resp.read(MAX_PAGE_BYTES) if ctype in HTML_TYPES else b""
-        return resp.geturl(), ctype, body, charset
+def _fetch_page(client: HttpClient, url: str, deadline_seconds: float) -> tuple[str, str, bytes, str]:
+    """GET url -> (final url after redirects, content type, body, charset). HttpError for a failed
+    request or an answer other than 2xx (reason http_<status>)."""
+    deadline = time.monotonic() + deadline_seconds
+    with client.open(url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline) as response:
+        if not 200 <= response.status < 300:
+            raise HttpError(f"http_{response.status}", f"HTTP {response.status}")
+        ctype, charset = parse_content_type(response.header("Content-Type"))
+        body = b""
+        if ctype in HTML_TYPES:  # a page over the cap is parsed as far as the cap
+            body = client.read_body(response, max_bytes=MAX_PAGE_BYTES, deadline=deadline, truncate=True)
+        return response.url, ctype, body, charset or "utf-8"
 
 
-class _Robots:
-    """robots.txt per host (parsed by protego), fetched once with our own timeout and user agent.
-
-    Same conventions as urllib.robotparser.read(): 401/403 => disallow all, other
-    errors (404, 5xx, network) => allow all.
-    """
-
-    _ALLOW_ALL = ""
-    _DISALLOW_ALL = "User-agent: *\nDisallow: /\n"
-
-    def __init__(self, user_agent: str, timeout: float) -> None:
-        self.user_agent, self.timeout = user_agent, timeout
-        self.parsers: dict[str, Protego] = {}
-
-    def url_for(self, url: str) -> str:
-        p = urlsplit(url)
-        return f"{p.scheme}://{p.netloc}/robots.txt"
-
-    def allowed(self, url: str) -> bool:
-        robots_url = self.url_for(url)
-        rp = self.parsers.get(robots_url)
-        if rp is None:
-            req = urllib.request.Request(robots_url, headers={"User-Agent": self.user_agent})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    text = resp.read(1 << 20).decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as err:
-                text = self._DISALLOW_ALL if err.code in (401, 403) else self._ALLOW_ALL
-            except Exception:  # noqa: BLE001 - no robots.txt reachable: nothing forbids us
-                text = self._ALLOW_ALL
-            rp = self.parsers[robots_url] = Protego.parse(text)
-        return rp.can_fetch(url, self.user_agent)
+def seed_error(seed: str, err: HttpError) -> ConnectionError:
+    """One line saying why the seed page could not be fetched."""
+    if err.reason == "private_address":
+        return ConnectionError(f"seed URL {seed} is refused by the address guard ({err.detail}); "
+                               "list its address in http.allowed_addresses to crawl it")
+    return ConnectionError(f"seed URL {seed} is unreachable: {err.detail or err.reason}")
 
 
-def _reason(err: BaseException) -> str:
-    if isinstance(err, urllib.error.HTTPError):
-        return f"HTTP {err.code}"
-    if isinstance(err, urllib.error.URLError):
-        return str(err.reason)
-    return f"{type(err).__name__}: {err}"
+def page_deadline(policy: HttpPolicy) -> float:
+    """Seconds one page request may take in all (connect, head and body): 4 x the per-operation timeout."""
+    return 4 * policy.timeout
+
+
+def check_seed(seed_url: str, policy: HttpPolicy) -> None:
+    """Fetch the seed page once, as harvest will (same guard, user agent, redirects); HttpError if that
+    fails, so a wrong or dead seed is reported before any work."""
+    _fetch_page(HttpClient(policy), seed_url, page_deadline(policy))
 
 
 def harvest_site(
@@ -92,8 +72,7 @@ def harvest_site(
     max_pages: int = 200,
     max_depth: int = 10,
     allowed_hosts: list[str] | None = None,
-    timeout: float = 10.0,
-    user_agent: str = DEFAULT_USER_AGENT,
+    policy: HttpPolicy | None = None,
     respect_robots: bool = True,
     queries: Sequence[str] | None = None,
     query_cap: int = 20_000,
@@ -104,8 +83,10 @@ def harvest_site(
     URLs may point anywhere http(s). An <img>'s URL is its largest srcset candidate, else
     src, else data-src (lazy loading) when src is missing or a data: URI. A page that
     fails to load is counted, not fatal, except the seed itself (ConnectionError).
-    `max_pages` bounds fetch attempts. Pages disallowed by the host's robots.txt are not
-    fetched (PermissionError if that is the seed). With `queries`, pairs are balanced by
+    `max_pages` bounds fetch attempts. Every request goes through `data.common.http` with
+    `policy` (address guard, user agent, guarded redirects, timeouts; a page's deadline is
+    `page_deadline`). Pages disallowed by the host's robots.txt are not fetched (PermissionError
+    if that is the seed). With `queries`, pairs are balanced by
     data.harvest.queries. Returns counts: pages_fetched, page_errors, non_html,
     robots_disallowed, img_tags, empty_alt, non_http_img, duplicate_candidates,
     candidates (+ the balancing counts with `queries`).
@@ -118,9 +99,12 @@ def harvest_site(
     counts: dict[str, Any] = dict(
         pages_fetched=0, page_errors=0, non_html=0, robots_disallowed=0, img_tags=0, empty_alt=0, non_http_img=0
     )
-    robots = _Robots(user_agent, timeout) if respect_robots else None
+    client = HttpClient(policy or HttpPolicy())
+    deadline_seconds = page_deadline(client.policy)
+    robots = RobotsCache(client, deadline_seconds=deadline_seconds) if respect_robots else None
     if robots is not None and not robots.allowed(seed):
-        raise PermissionError(f"seed URL {seed} is disallowed by {robots.url_for(seed)} for {user_agent!r}")
+        raise PermissionError(f"seed URL {seed} is disallowed by {robots.robots_url(seed)} "
+                              f"for {client.policy.user_agent!r}")
     rows: list[tuple[str, str, str]] = []
     seen: set[str] = {seed}
     queue: deque[tuple[str, int]] = deque([(seed, 0)])
@@ -135,10 +119,10 @@ def harvest_site(
             attempts += 1
             bar.update(1)
             try:
-                final_url, ctype, body, charset = _fetch(url, timeout, user_agent)
-            except Exception as err:  # noqa: BLE001 - any fetch failure is a fault of the world, not ours
+                final_url, ctype, body, charset = _fetch_page(client, url, deadline_seconds)
+            except HttpError as err:  # a fault of the world, not ours
                 if url == seed:
-                    raise ConnectionError(f"seed URL {seed} is unreachable: {_reason(err)}") from err
+                    raise seed_error(seed, err) from err
                 counts["page_errors"] += 1
                 continue
             final_url = normalise_for_fetch(final_url)

@@ -83,7 +83,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from data.shards.format import CAPTION_EXT, IMAGE_EXTS, SIZES_FILE, image_ext, is_crawl_shard, split_glob
+
+from data.shards.format import (
+    CAPTION_EXT,
+    IMAGE_EXTS,
+    SIZES_FILE,
+    image_ext,
+    is_crawl_shard,
+    split_glob,
+)
 
 DEFAULT_SHUFFLE_BUFFER = 1000
 
