@@ -38,9 +38,9 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,36 +51,9 @@ from tqdm import tqdm
 from .checkpoint import load_newest_checkpoint, save_checkpoint, save_model
 from .loss import ClipLoss
 from .model import CLIP
+from .train_config import TrainConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64  # per rank and micro-batch; informational here, batching is the caller's job
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 50
-    grad_accum: int = 1  # micro-batches per optimizer step
-    precision: Precision = "auto"
-    grad_checkpointing: bool = False
-    compile: bool = False
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    max_bad_steps: int = 20  # consecutive non-finite steps before training stops
-    seed: int = 0
-    deterministic: bool = False  # torch.use_deterministic_algorithms
-    checkpoint_every: int = 200  # optimizer steps; 0: only at epoch ends
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    eval_every: int = 0  # steps between eval_fn calls (rank 0); 0: never mid-run
-    progress: bool = True  # tqdm bar with ETA on rank 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,14 +1,25 @@
 """The one typed configuration of a witclip pipeline run.
 
 Defaults are the embedded demo (`configs/demo.yaml` spells the same values out). Every section forbids
-unknown keys, so a typo fails before any work starts instead of being silently ignored.
+unknown keys, so a typo fails before any work starts instead of being silently ignored; a key that
+moved to another section says where it went.
+
+Config maps itself onto the engines: each section that feeds an engine object builds it in one
+method (`WebConfig.site_spec`, `HarvestConfig.page_policy`, `CrawlConfig.fetch_policy`,
+`TrainConfig.engine_config`) through `build_engine`, which demands that every field of the engine be
+either mapped from the config or listed in that builder's `*_FIXED` table, so no engine default ever
+fills in silently. Where a section and an engine share a setting, the section's default is the
+engine's (one source of defaults).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -20,32 +31,116 @@ from pydantic import (
     model_validator,
 )
 
-from data.crawl.fetch import DEFAULT_USER_AGENT, DEFAULT_X_ROBOTS_DIRECTIVES
+from clip.train_config import TrainConfig as EngineTrainConfig
+from data.common.http import DEFAULT_USER_AGENT, HttpPolicy
+from data.crawl.fetch import FetchPolicy
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
+from data.eval.synthetic import SYNTHETIC_BENCHMARKS
+from data.synthetic.site import SiteSpec
 from flows.errors import UserError
+from flows.tracking import DEFAULT_TRACKING_URI
+from flows.train_spec import LoaderSpec, TrainSpec
 
-STAGES: tuple[str, ...] = ("harvest", "crawl", "dedup", "shard", "train", "eval", "register")
-SYNTHETIC_BENCHMARK_NAMES = ("colour", "shape", "count")
+EMBEDDED_WEB_ADDRESS = "127.0.0.1"  # where the embedded synthetic web is served
+# Keys that moved: an old config names its key and gets told where it lives now.
+MOVED_KEYS = {
+    "crawl.user_agent": "http.user_agent",
+    "crawl.allowed_addresses": "http.allowed_addresses",
+    "crawl.robots_txt": "http.robots_txt",
+    "crawl.scheduler_address": "cluster.scheduler_address",
+    "crawl.processes": "cluster.processes",
+}
+
+Engine = TypeVar("Engine")
+
+
+def build_engine(cls: type[Engine], mapped: Mapping[str, Any], fixed: Mapping[str, Any]) -> Engine:
+    """`cls(**mapped, **fixed)`, refusing unless the two name every field of the dataclass exactly once."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    twice = mapped.keys() & fixed.keys()
+    unknown = (mapped.keys() | fixed.keys()) - names
+    missing = names - mapped.keys() - fixed.keys()
+    if twice or unknown or missing:
+        raise TypeError(f"{cls.__name__}: fields mapped and fixed {sorted(twice)}, unknown {sorted(unknown)}, "
+                        f"neither mapped nor fixed {sorted(missing)}")
+    return cls(**mapped, **fixed)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SITE_SPEC_FIXED: dict[str, Any] = {
+    "jpeg_quality": SiteSpec.jpeg_quality,
+    "fault_kinds": SiteSpec.fault_kinds,  # the demo's faults; crawler tests switch on the hostile ones
+    "drip_interval": SiteSpec.drip_interval,
+    "drip_max_seconds": SiteSpec.drip_max_seconds,
+    "throttle_times": SiteSpec.throttle_times,
+    "retry_after_seconds": SiteSpec.retry_after_seconds,
+}
+
+
 class WebConfig(Section):
     """The embedded synthetic web (no internet needed): served on 127.0.0.1 while harvest/crawl run."""
 
     enabled: bool = True
-    seed: int = 0
-    n_pages: int = Field(450, ge=1)
-    images_per_page: int = Field(16, ge=1)
-    links_per_page: int = Field(4, ge=1)
-    image_size: int = Field(64, ge=16, le=1024)
-    noisy_alt_rate: float = Field(0.08, ge=0, le=1)
-    exact_duplicate_rate: float = Field(0.04, ge=0, le=1)
-    near_duplicate_rate: float = Field(0.04, ge=0, le=1)
-    fault_rate: float = Field(0.05, ge=0, le=1)
-    slow_seconds: float = Field(3.0, ge=0)
+    seed: int = SiteSpec.seed
+    n_pages: int = Field(SiteSpec.n_pages, ge=1)
+    images_per_page: int = Field(SiteSpec.images_per_page, ge=1)
+    links_per_page: int = Field(SiteSpec.links_per_page, ge=1)
+    image_size: int = Field(SiteSpec.image_size, ge=16, le=1024)
+    noisy_alt_rate: float = Field(SiteSpec.noisy_alt_rate, ge=0, le=1)
+    exact_duplicate_rate: float = Field(SiteSpec.exact_duplicate_rate, ge=0, le=1)
+    near_duplicate_rate: float = Field(SiteSpec.near_duplicate_rate, ge=0, le=1)
+    fault_rate: float = Field(SiteSpec.fault_rate, ge=0, le=1)
+    slow_seconds: float = Field(SiteSpec.slow_seconds, ge=0)
+
+    def site_spec(self) -> SiteSpec:
+        """The synthetic site this section describes."""
+        mapped = self.model_dump(exclude={"enabled"})
+        return build_engine(SiteSpec, mapped, SITE_SPEC_FIXED)
+
+
+
+def embedded_web_addresses(enabled: bool) -> tuple[str, ...]:
+    """What the address guard must let through for the embedded web (`web.enabled`): its loopback address."""
+    return (EMBEDDED_WEB_ADDRESS,) if enabled else ()
+
+
+class HttpConfig(Section):
+    """Every request witclip sends while harvesting and crawling (data.common.http)."""
+
+    user_agent: str = DEFAULT_USER_AGENT  # robots.txt rules are matched against it
+    # Safety: private, loopback, link-local, CGNAT and cloud-metadata addresses are refused unless
+    # listed here (IPs, CIDRs or host names). The embedded web's 127.0.0.1 is added automatically.
+    allowed_addresses: list[str] = Field(default_factory=list)
+    robots_txt: bool = True  # obey robots.txt (harvest pages and crawled images)
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"expected an IP, CIDR or host name, got {entry!r}") from None
+        return v
+
+
+class ClusterConfig(Section):
+    """Where Dask work runs (crawl and dedup): a running scheduler, or a LocalCluster on this machine."""
+
+    scheduler_address: str | None = None  # e.g. tcp://127.0.0.1:8786; None: a LocalCluster
+    processes: int = Field(2, ge=1)  # worker processes of the LocalCluster
+
+
+PAGE_POLICY_FIXED: dict[str, Any] = {
+    "connect_timeout": None,  # = harvest.timeout
+    "guard": True,
+    "use_env_proxies": False,
+    "max_redirects": HttpPolicy.max_redirects,
+}
 
 
 class HarvestConfig(Section):
@@ -55,7 +150,7 @@ class HarvestConfig(Section):
     max_pages: int = Field(1000, ge=1)
     max_depth: int = Field(50, ge=0)
     allowed_hosts: list[str] = Field(default_factory=list)  # empty: the seed URL's host only
-    timeout: float = Field(10.0, gt=0)
+    timeout: float = Field(HttpPolicy.timeout, gt=0)  # per blocking socket operation of a page request
     urls: list[str] = Field(default_factory=list)  # source=urls: files or directories
     url_col: str = "url"
     caption_col: str = "caption"
@@ -79,42 +174,49 @@ class HarvestConfig(Section):
             raise ValueError(f"expected an http(s):// URL, got {v!r}")
         return v
 
+    def page_policy(self, http: HttpConfig, embedded_web: bool) -> HttpPolicy:
+        """How harvest requests pages (and their robots.txt); `embedded_web` is `web.enabled`."""
+        mapped = {"timeout": self.timeout, "user_agent": http.user_agent,
+                  "allowed_addresses": (*http.allowed_addresses, *embedded_web_addresses(embedded_web))}
+        return build_engine(HttpPolicy, mapped, PAGE_POLICY_FIXED)
+
+
+FETCH_POLICY_FIXED: dict[str, Any] = {
+    "max_redirects": FetchPolicy.max_redirects,
+    "x_robots_agent": FetchPolicy.x_robots_agent,
+    "throttle_retries": FetchPolicy.throttle_retries,
+    "backoff_base": FetchPolicy.backoff_base,
+}
+
 
 class CrawlConfig(Section):
     image_size: int = Field(64, ge=16, le=4096)
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
     shard_size: int = Field(1000, ge=1)
-    processes: int = Field(2, ge=1)  # Dask worker processes on the LocalCluster
     threads: int = Field(16, ge=1)  # download threads inside each img2dataset shard
-    timeout: float = Field(2.0, gt=0)  # per blocking socket operation
-    deadline: float | None = Field(None, gt=0)  # whole request incl. a trickling body; None: 4 x timeout
+    timeout: float = Field(FetchPolicy.timeout, gt=0)  # per blocking socket operation
+    deadline: float | None = Field(FetchPolicy.deadline, gt=0)  # whole request incl. a trickling body; None: 4 x timeout
     retries: int = Field(0, ge=0)
-    scheduler_address: str | None = None  # e.g. tcp://127.0.0.1:8786; None: a LocalCluster
-    # Safety: private, loopback, link-local, CGNAT and cloud-metadata addresses are refused unless
-    # listed here (IPs, CIDRs or host names). The embedded web's 127.0.0.1 is added automatically.
-    allowed_addresses: list[str] = Field(default_factory=list)
-    max_image_bytes: int = Field(32 << 20, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)  # read from the header: decompression bombs
+    max_image_bytes: int = Field(FetchPolicy.max_bytes, ge=1024)
+    max_image_pixels: int = Field(FetchPolicy.max_pixels, ge=1)  # read from the header: decompression bombs
     # Politeness, for the whole cluster (divided among worker processes).
-    robots_txt: bool = True
-    max_connections_per_host: int = Field(16, ge=1)
-    max_requests_per_second_per_host: float = Field(0.0, ge=0)  # 0: unlimited
-    max_retry_after: float = Field(30.0, ge=0)  # 429/503 Retry-After longer than this: give up
-    user_agent: str = DEFAULT_USER_AGENT
-    x_robots_directives: list[str] = Field(default_factory=lambda: list(DEFAULT_X_ROBOTS_DIRECTIVES))
+    max_connections_per_host: int = Field(FetchPolicy.max_connections_per_host, ge=1)
+    max_requests_per_second_per_host: float = Field(FetchPolicy.max_requests_per_second_per_host, ge=0)  # 0: unlimited
+    max_retry_after: float = Field(FetchPolicy.max_retry_after, ge=0)  # 429/503 Retry-After longer than this: give up
+    x_robots_directives: list[str] = Field(default_factory=lambda: list(FetchPolicy.x_robots_directives))
 
-    @field_validator("allowed_addresses")
-    @classmethod
-    def _addresses(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for entry in v:
-            if "/" in entry:
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"expected an IP, CIDR or host name, got {entry!r}") from None
-        return v
+    def fetch_policy(self, http: HttpConfig, embedded_web: bool) -> FetchPolicy:
+        """How the crawl fetches each image; `embedded_web` is `web.enabled`."""
+        mapped = {
+            "timeout": self.timeout, "deadline": self.deadline, "max_bytes": self.max_image_bytes,
+            "max_pixels": self.max_image_pixels, "user_agent": http.user_agent, "robots_txt": http.robots_txt,
+            "allowed_addresses": (*http.allowed_addresses, *embedded_web_addresses(embedded_web)),
+            "x_robots_directives": tuple(self.x_robots_directives),
+            "max_connections_per_host": self.max_connections_per_host,
+            "max_requests_per_second_per_host": self.max_requests_per_second_per_host,
+            "max_retry_after": self.max_retry_after,
+        }  # fmt: skip
+        return build_engine(FetchPolicy, mapped, FETCH_POLICY_FIXED)
 
 
 class DedupConfig(Section):
@@ -131,7 +233,16 @@ class ShardConfig(Section):
     seed: int = 0
 
 
+TRAIN_ENGINE_FIXED: dict[str, Any] = {
+    "betas": EngineTrainConfig.betas,  # the paper's AdamW betas and eps
+    "eps": EngineTrainConfig.eps,
+}
+
+
 class TrainConfig(Section):
+    """The train stage: the model, how torchrun launches it, the loader, and the engine's settings
+    (`engine_config`)."""
+
     model: str = "tiny"
     nproc: int = Field(1, ge=1)  # torchrun processes (DDP ranks) per node
     nnodes: int = Field(1, ge=1)  # >1: every node runs the same torchrun command (printed by the train stage)
@@ -140,29 +251,45 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vocab_size: int = Field(1024, ge=300, le=100_000)  # BPE tokenizer trained on the crawled captions
     context_length: int = Field(24, ge=8, le=77)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)  # per rank and micro-batch; global = batch_size x ranks x grad_accum
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    grad_accum: int = Field(1, ge=1)  # exact for the contrastive loss (features cached, then recomputed)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile (needs a C++ compiler on CPU)
-    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0: no clipping
-    max_bad_steps: int = Field(20, ge=1)  # non-finite steps in a row before training stops
-    deterministic: bool = False
+    epochs: int = Field(EngineTrainConfig.epochs, ge=1)
+    batch_size: int = Field(EngineTrainConfig.batch_size, ge=2)  # per rank and micro-batch; global = batch_size x ranks x grad_accum
+    lr: float = Field(EngineTrainConfig.lr, gt=0)
+    weight_decay: float = Field(EngineTrainConfig.weight_decay, ge=0)
+    warmup_steps: int = Field(EngineTrainConfig.warmup_steps, ge=0)
+    grad_accum: int = Field(EngineTrainConfig.grad_accum, ge=1)  # exact for the contrastive loss (features cached, then recomputed)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = EngineTrainConfig.precision  # auto: bf16 on GPU, fp32 on CPU
+    grad_checkpointing: bool = EngineTrainConfig.grad_checkpointing
+    compile: bool = EngineTrainConfig.compile  # torch.compile (needs a C++ compiler on CPU)
+    grad_clip: float = Field(EngineTrainConfig.grad_clip, ge=0)  # max global gradient norm; 0: no clipping
+    max_bad_steps: int = Field(EngineTrainConfig.max_bad_steps, ge=1)  # non-finite steps in a row before training stops
+    deterministic: bool = EngineTrainConfig.deterministic
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
     shuffle_buffer: int = Field(1000, ge=0)  # samples per loader reader; <=1: no sample shuffle
     partition: Literal["auto", "shards", "samples"] = "auto"  # how ranks split the shards
-    checkpoint_every: int = Field(200, ge=0)  # steps; 0: only at epoch ends
-    keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(200, ge=0)  # steps between held-out zero-shot checks; 0: off
+    checkpoint_every: int = Field(EngineTrainConfig.checkpoint_every, ge=0)  # steps; 0: only at epoch ends
+    keep_checkpoints: int = Field(EngineTrainConfig.keep_checkpoints, ge=1)
+    log_every: int = Field(EngineTrainConfig.log_every, ge=1)
+    eval_every: int = Field(EngineTrainConfig.eval_every, ge=0)  # steps between held-out zero-shot checks; 0: off
     system_metrics_interval: float = Field(10.0, ge=0)  # seconds between MLflow system metrics; 0: off
-    progress: bool = True
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
+    progress: bool = EngineTrainConfig.progress
+    num_workers: int = Field(0, ge=0)  # DataLoader workers of the training loader
+    seed: int = EngineTrainConfig.seed
+
+    def engine_config(self) -> EngineTrainConfig:
+        """The training engine's settings (`clip.train.TrainConfig`)."""
+        names = {f.name for f in dataclasses.fields(EngineTrainConfig)} - TRAIN_ENGINE_FIXED.keys()
+        return build_engine(EngineTrainConfig, {name: getattr(self, name) for name in names}, TRAIN_ENGINE_FIXED)
+
+    def train_spec(self, *, shard_dir: Path, out_dir: Path, tokenizer: Path, mlflow: dict[str, str] | None = None,
+                   zeroshot: dict[str, Any] | None = None) -> TrainSpec:
+        """What every torchrun rank reads from spec.json (`flows.train_spec`)."""
+        loader = LoaderSpec(batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers,
+                            shuffle_buffer=self.shuffle_buffer, partition=self.partition, crop_scale=self.crop_scale)
+        return TrainSpec(shard_dir=str(Path(shard_dir).resolve()), out_dir=str(Path(out_dir).resolve()),
+                         tokenizer=str(Path(tokenizer).resolve()), model=self.model,
+                         context_length=self.context_length, device=self.device, nnodes=self.nnodes,
+                         system_metrics_interval=self.system_metrics_interval, loader=loader,
+                         engine=self.engine_config(), mlflow=mlflow, zeroshot=zeroshot)
 
     @field_validator("crop_scale")
     @classmethod
@@ -182,7 +309,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     # task names from the registry (`witclip benchmarks` lists them); the synthetic ones are generated
-    benchmarks: list[str] = Field(default_factory=lambda: list(SYNTHETIC_BENCHMARK_NAMES), min_length=1)
+    benchmarks: list[str] = Field(default_factory=lambda: list(SYNTHETIC_BENCHMARKS), min_length=1)
     data_roots: list[str] = Field(default_factory=list)  # where benchmark data lies (wds, ImageFolder, torchvision)
     samples_per_class: int = Field(100, ge=1)  # synthetic benchmarks
     seed: int = 1234  # held-out: synthetic benchmarks are generated, never served by the web
@@ -206,7 +333,7 @@ class EvalConfig(Section):
 
 
 class MlflowConfig(Section):
-    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow's own default; a `mlflow server` URL works too
+    tracking_uri: str = DEFAULT_TRACKING_URI  # MLflow's own default; a `mlflow server` URL works too
     experiment: str = "witclip"
     model_name: str = "witclip"
     alias: str = "champion"  # moves only when the eval gate passes
@@ -227,6 +354,8 @@ class PipelineConfig(Section):
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     work_dir: Path = Path("runs")
     web: WebConfig = Field(default_factory=WebConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -248,6 +377,8 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
+        if key in MOVED_KEYS:
+            return f"config key '{key}' moved to '{MOVED_KEYS[key]}'"
         return f"unknown config key '{key}'"
     got = first.get("input")
     if isinstance(got, str):  # never echo credentials someone put into a URL
@@ -303,75 +434,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(_format_validation_error(e)) from None
 
 
-def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The config slice whose values change a stage's output (part of the stage's hash)."""
-    dump = cfg.model_dump(mode="json")
-    slices: dict[str, list[str]] = {
-        "harvest": ["web", "harvest"],
-        "crawl": ["crawl"],
-        "dedup": ["dedup"],
-        "shard": ["shard"],
-        "train": ["train"],
-        "eval": ["eval"],
-        "register": ["mlflow"],
-    }
-    out = {name: dump[name] for name in slices[stage]}
-    if stage == "harvest":
-        h = cfg.harvest
-        if h.source != "web":  # the synthetic web's settings don't change a URL-list or WARC harvest
-            out.pop("web")
-        # input files by content, so an edited URL list or query file is harvested again
-        files = {"urls": h.urls if h.source == "urls" else [], "warc": h.warc if h.source == "warc" else [],
-                 "queries": [h.queries] if h.queries else []}
-        out["input_files"] = {kind: [_content_hash(f) for f in paths] for kind, paths in files.items() if paths}
-    if stage == "crawl":
-        # where work runs does not change what it produces
-        out["crawl"] = {k: v for k, v in out["crawl"].items() if k not in ("scheduler_address", "processes")}
-    if stage == "dedup" and cfg.dedup.decontaminate:
-        # the benchmarks decontaminated against (the generated ones) are part of what decides the output;
-        # adding a downloaded benchmark to eval.benchmarks re-runs eval, not dedup and what follows
-        out["eval"] = {k: dump["eval"][k] for k in ("benchmarks", "samples_per_class", "seed")}
-        out["eval"]["benchmarks"] = [b for b in cfg.eval.benchmarks if b in SYNTHETIC_BENCHMARK_NAMES]
-        out["image_size"] = cfg.web.image_size
-    if stage == "eval":
-        # benchmark data fetched or converted after the last eval counts as a change (a cheap fingerprint:
-        # where each task's data lies, its file count, size and newest mtime -- not its bytes)
-        out["data"] = _benchmark_data_fingerprint(cfg)
-    if stage == "train":
-        # where training runs and what it reports do not change the weights (the rank count does)
-        out["train"] = {k: v for k, v in out["train"].items() if k not in (
-            "num_workers", "log_every", "node_rank", "rdzv_endpoint", "progress",
-            "system_metrics_interval", "eval_every", "keep_checkpoints", "checkpoint_every")}
-    return out
-
-
-def _benchmark_data_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
-    from data.eval.registry import locate
-
-    roots = [Path(r) for r in cfg.eval.data_roots]
-    found: dict[str, Any] = {}
-    for name in cfg.eval.benchmarks:
-        if name in SYNTHETIC_BENCHMARK_NAMES or not roots:
-            continue  # generated from eval.seed, already in the key
-        loc = locate(name, roots)
-        if loc is None:
-            found[name] = None
-            continue
-        files = [loc.path] if loc.path.is_file() else [f for f in loc.path.rglob("*") if f.is_file()]
-        stats = [f.stat() for f in files]
-        found[name] = {"path": str(loc.path.resolve()), "kind": loc.kind, "files": len(stats),
-                       "bytes": sum(st.st_size for st in stats), "newest": max((st.st_mtime_ns for st in stats), default=0)}
-    return found
-
-
-def _content_hash(path: str) -> str:
-    """sha256 of a file, or of a directory's files (names and contents, sorted); '' if missing."""
-    from data.common.files import sha256_file
-    from data.common.manifest import stable_hash
-
-    p = Path(path)
-    if p.is_file():
-        return sha256_file(p)
-    if p.is_dir():
-        return stable_hash({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
-    return ""
+# Every engine object the config builds, with its table of fixed fields: tests/test_config.py checks that
+# each field of each engine is mapped from the config or fixed, never left to the engine's default.
+ENGINE_BUILDERS: dict[str, tuple[Callable[[PipelineConfig], Any], Mapping[str, Any]]] = {
+    "SiteSpec": (lambda c: c.web.site_spec(), SITE_SPEC_FIXED),
+    "HttpPolicy (harvest pages)": (lambda c: c.harvest.page_policy(c.http, c.web.enabled), PAGE_POLICY_FIXED),
+    "FetchPolicy (crawl)": (lambda c: c.crawl.fetch_policy(c.http, c.web.enabled), FETCH_POLICY_FIXED),
+    "clip.train.TrainConfig": (lambda c: c.train.engine_config(), TRAIN_ENGINE_FIXED),
+}

@@ -1,9 +1,12 @@
-"""The parent flow: runs the stages in order, skipping those whose outputs are complete for the same inputs.
+"""The parent flow: runs the stage specs (`flows.stages.STAGES`) in order, skipping those whose outputs are
+complete for the same inputs.
 
 A stage is complete when `<run_dir>/<stage>/manifest.json` exists (written last, atomically) and its
-key — a hash of the stage's config slice, its upstream stages' output hashes and the code version —
-matches the key the stage would have now. Anything else runs: that is what makes "resume a failed run"
-and "re-run one stage" cheap and correct.
+key matches the key the stage would have now. The key covers exactly what the stage declares it reads of
+the config (less where and how it runs), its inputs outside the config, the code version, and for each
+upstream stage that stage's key and its outputs' hash -- so a change anywhere upstream reaches every
+stage below. Anything else runs: that is what makes "resume a failed run" and "re-run one stage" cheap
+and correct.
 
 Keys say nothing about the run name, so a stage that another run under the same work_dir completed with
 the same key is adopted (hard links, no copy of the bytes) instead of run again: a nightly scheduled run
@@ -12,12 +15,9 @@ with a fresh run name re-evaluates without re-training when only the eval settin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,21 +33,13 @@ from data.common.manifest import (
     stable_hash,
     write_manifest,
 )
-from flows import registry, stages
-from flows.config import STAGES, PipelineConfig, stage_config
+from flows import tracking
+from flows.config import PipelineConfig
 from flows.errors import UserError
 from flows.retries import mlflow_call
+from flows.stages import STAGE_NAMES, STAGES, StageContext, StageSpec, get_stage
 
 CODE_VERSION = "0.1.0"
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "harvest": (),
-    "crawl": ("harvest",),
-    "dedup": ("crawl",),
-    "shard": ("dedup",),
-    "train": ("shard",),
-    "eval": ("train",),
-    "register": ("train", "eval"),
-}
 ATTEMPT_FILE = ".attempt.json"  # key of an unfinished attempt: same key → resume its partial output
 
 
@@ -59,6 +51,11 @@ class StageOutcome:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
+def embedded_web_in_use(cfg: PipelineConfig) -> bool:
+    """Whether harvest starts from the embedded synthetic web (no seed URL of the user's)."""
+    return cfg.web.enabled and cfg.harvest.source == "web" and cfg.harvest.seed_url is None
+
+
 class EmbeddedWeb:
     """Starts the synthetic web on first use; prefers the port the harvested URLs point at."""
 
@@ -68,15 +65,9 @@ class EmbeddedWeb:
 
     def seed_url(self, preferred: str | None = None) -> str:
         if self.server is None:
-            from data.synthetic import SiteSpec, SyntheticWeb
+            from data.synthetic import SyntheticWeb
 
-            w = self.cfg.web
-            spec = SiteSpec(
-                seed=w.seed, n_pages=w.n_pages, images_per_page=w.images_per_page,
-                links_per_page=w.links_per_page, image_size=w.image_size, noisy_alt_rate=w.noisy_alt_rate,
-                exact_duplicate_rate=w.exact_duplicate_rate, near_duplicate_rate=w.near_duplicate_rate,
-                fault_rate=w.fault_rate, slow_seconds=w.slow_seconds,
-            )  # fmt: skip
+            spec = self.cfg.web.site_spec()
             port = urlparse(preferred).port if preferred else 0
             try:
                 self.server = SyntheticWeb(spec, port=port or 0)
@@ -93,24 +84,17 @@ class EmbeddedWeb:
             self.server = None
 
 
-def check_seed_url(url: str, timeout: float) -> None:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
-    except urllib.error.HTTPError as e:
-        raise UserError(f"harvest.seed_url {url} answered HTTP {e.code}; expected a reachable HTML page") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"harvest.seed_url {url} is unreachable ({reason}); expected a reachable http(s) URL") from None
-
-
 def outputs_hash(stage_dir: Path) -> str | None:
     m = read_manifest(stage_dir)
     return m.get("outputs_hash") if m and m.get("status") == "complete" else None
 
 
 def stage_key(cfg: PipelineConfig, stage: str) -> str:
-    inputs = {up: outputs_hash(cfg.stage_dir(up)) for up in UPSTREAM[stage]}
-    return stable_hash({"stage": stage, "config": stage_config(cfg, stage), "inputs": inputs, "code": CODE_VERSION})
+    """sha256 of what the stage reads of the config, its extra inputs, the code version and, per upstream
+    stage, that stage's key and the hash of its complete outputs (None while it has none)."""
+    spec = get_stage(stage)
+    upstream = {up: {"key": stage_key(cfg, up), "outputs": outputs_hash(cfg.stage_dir(up))} for up in spec.upstream}
+    return stable_hash({"stage": stage, "config": spec.config_slice(cfg), "upstream": upstream, "code": CODE_VERSION})
 
 
 def is_complete(cfg: PipelineConfig, stage: str) -> bool:
@@ -154,73 +138,59 @@ def adopt_stage(cfg: PipelineConfig, stage: str, source: Path) -> dict:
     return manifest
 
 
+def select_stages(stages: str | None, from_stage: str | None) -> list[str] | None:
+    """The stages `--stages a,b` or `--from STAGE` ask for (None: the whole pipeline)."""
+    if stages and from_stage:
+        raise UserError("give --stages or --from, not both")
+    if from_stage:
+        if from_stage not in STAGE_NAMES:
+            raise UserError(f"--from {from_stage!r}: expected one of {', '.join(STAGE_NAMES)}")
+        return list(STAGE_NAMES[STAGE_NAMES.index(from_stage):])
+    if stages:
+        return [s.strip() for s in stages.split(",") if s.strip()]
+    return None
+
+
 def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
     """User mistakes end here, in one line, before any stage starts."""
     if selected is not None:
-        unknown = [s for s in selected if s not in STAGES]
+        unknown = [s for s in selected if s not in STAGE_NAMES]
         if unknown:
-            raise UserError(f"unknown stage '{unknown[0]}'; expected some of: {', '.join(STAGES)}")
+            raise UserError(f"unknown stage '{unknown[0]}'; expected some of: {', '.join(STAGE_NAMES)}")
         for stage in selected:
-            for up in UPSTREAM[stage]:
+            for up in get_stage(stage).upstream:
                 if up not in selected and outputs_hash(cfg.stage_dir(up)) is None:
                     raise UserError(
                         f"stage '{stage}' needs the output of '{up}', which is not complete in "
                         f"{cfg.stage_dir(up)}; add '{up}' to --stages or run the whole pipeline"
                     )
-    runs_harvest = selected is None or "harvest" in selected
-    h = cfg.harvest
-    if runs_harvest and h.source != "web":
-        for key, paths in (("harvest.urls", h.urls if h.source == "urls" else []),
-                           ("harvest.warc", h.warc if h.source == "warc" else [])):
-            for path in paths:
-                if not Path(path).exists():
-                    raise UserError(f"{key}: {path} does not exist; expected a file or directory to harvest from")
-    if runs_harvest and h.source == "urls":
-        from data.harvest import check_url_lists
-
-        try:  # headers only: a wrong column name fails here, not after minutes of reading
-            check_url_lists(h.urls, url_col=h.url_col, caption_col=h.caption_col, file_format=h.file_format)
-        except (FileNotFoundError, ValueError) as err:
-            raise UserError(f"harvest.urls: {err}") from None
-    if runs_harvest and h.queries is not None and not Path(h.queries).is_file():
-        raise UserError(f"harvest.queries: {h.queries} does not exist; expected a file with one query per line")
-    if runs_harvest and h.source == "web" and not cfg.web.enabled and h.seed_url is None:
-        raise UserError(
-            "harvest.seed_url is not set; expected an http(s) URL to crawl from "
-            "(or web.enabled: true for the embedded synthetic web)"
-        )
-    if h.source == "web" and h.seed_url is not None and runs_harvest and not is_complete(cfg, "harvest"):
-        check_seed_url(cfg.harvest.seed_url, cfg.harvest.timeout)
-    registry.check_tracking_uri(cfg.mlflow.tracking_uri)
+    for spec in STAGES:
+        if spec.preflight is not None and (selected is None or spec.name in selected):
+            spec.preflight(spec.view(cfg), is_complete(cfg, spec.name))
+    tracking.check_tracking_uri(cfg.mlflow.tracking_uri)
 
 
-def _run_stage(cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str) -> dict:
-    if stage == "harvest":
-        if cfg.harvest.source != "web":
-            return stages.harvest_flow(cfg, None)
-        seed = cfg.harvest.seed_url or web.seed_url()
-        counts = stages.harvest_flow(cfg, seed)
-        counts["seed_url"] = seed
-        return counts
-    if stage == "crawl":
-        return stages.crawl_flow(cfg)
-    if stage == "dedup":
-        return stages.dedup_flow(cfg)
-    if stage == "shard":
-        return stages.shard_flow(cfg)
-    if stage == "train":
-        return stages.train_flow(cfg, run_id, tracking_uri)
-    if stage == "eval":
-        return stages.eval_flow(cfg)
-    if stage == "register":
-        return stages.register_flow(cfg, run_id, tracking_uri)
-    raise ValueError(stage)
+_FLOWS: dict[str, Any] = {}
+
+
+def stage_flow(spec: StageSpec) -> Any:
+    """The stage as a Prefect flow named after it: a thin call of its run function on its view of the config."""
+    if spec.name not in _FLOWS:
+
+        def run_stage(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str, seed_url: str | None) -> dict:
+            ctx = StageContext(stage=spec.name, cfg=spec.view(cfg), work_dir=cfg.work_dir, out_dir=cfg.stage_dir(spec.name),
+                               upstream_dirs={up: cfg.stage_dir(up) for up in spec.upstream},
+                               mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, seed_url=seed_url)
+            return spec.run(ctx)
+
+        _FLOWS[spec.name] = flow(name=spec.name, log_prints=True)(run_stage)
+    return _FLOWS[spec.name]
 
 
 def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
     """Keep a crashed attempt's partial output only when it was made for the same key (resume)."""
     attempt_path = stage_dir / ATTEMPT_FILE
-    attempt = json.loads(attempt_path.read_text()) if attempt_path.is_file() else None
+    attempt = read_manifest(stage_dir, name=ATTEMPT_FILE)
     if stage_dir.exists() and (force or not attempt or attempt.get("key") != key):
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +201,7 @@ def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
 def execute_stage(
     cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str, force: bool
 ) -> StageOutcome:
+    spec = get_stage(stage)
     stage_dir = cfg.stage_dir(stage)
     key = stage_key(cfg, stage)
     existing = read_manifest(stage_dir)
@@ -245,11 +216,13 @@ def execute_stage(
     _prepare_dir(stage_dir, key, force)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    starts_from_web = spec is _web_start_stage() and embedded_web_in_use(cfg)
+    seed_url = web.seed_url() if starts_from_web else None
     try:
-        counts = _run_stage(cfg, stage, web, run_id, tracking_uri)
+        counts = stage_flow(spec)(cfg, run_id, tracking_uri, seed_url)
     except Exception:
         try:  # recording the failure must not hide it
-            _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": stage_config(cfg, stage)})
+            _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": spec.config_slice(cfg)})
         except Exception as log_error:  # noqa: BLE001
             print(f"[{stage}] could not record the failure in MLflow: {log_error}")
         raise
@@ -260,8 +233,8 @@ def execute_stage(
         "status": "complete",
         "key": key,
         "code_version": CODE_VERSION,
-        "config": stage_config(cfg, stage),
-        "inputs": {up: outputs_hash(cfg.stage_dir(up)) for up in UPSTREAM[stage]},
+        "config": spec.config_slice(cfg),
+        "inputs": {up: outputs_hash(cfg.stage_dir(up)) for up in spec.upstream},
         "outputs": outputs,
         "outputs_hash": stable_hash(outputs),
         "counts": counts,
@@ -272,10 +245,9 @@ def execute_stage(
     }
     path = write_manifest(stage_dir, manifest)
     (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
-    mlflow_call(registry.log_stage, tracking_uri, run_id, stage, path, counts)
-    if stage == "eval":
-        reports = [stage_dir / f for f in ("results.json", "results.csv", "summary.md", "results.png")]
-        mlflow_call(registry.log_artifacts, tracking_uri, run_id, reports, "eval")
+    mlflow_call(tracking.log_stage, tracking_uri, run_id, stage, path, counts)
+    if spec.mlflow_artifacts:
+        mlflow_call(tracking.log_artifacts, tracking_uri, run_id, [stage_dir / f for f in spec.mlflow_artifacts], stage)
     _stage_run(tracking_uri, run_id, stage, "ran", manifest, path)
     _stage_artifacts(stage, counts, seconds, run_id, tracking_uri, stage_dir)
     print(f"[{stage}] done in {seconds:.1f}s")
@@ -285,7 +257,7 @@ def execute_stage(
 def _stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict,
                manifest_path: Path | None = None) -> None:
     """A nested MLflow run per stage the pipeline run did something about: its key, config slice, figures."""
-    mlflow_call(registry.log_stage_run, tracking_uri, parent_run_id, stage, status, manifest, manifest_path)
+    mlflow_call(tracking.log_stage_run, tracking_uri, parent_run_id, stage, status, manifest, manifest_path)
 
 
 def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, tracking_uri: str, stage_dir: Path) -> None:
@@ -310,29 +282,36 @@ def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, trac
         create_markdown_artifact(key=f"{key}-mlflow", markdown=f"MLflow run `{run_id}` in `{tracking_uri}`")
 
 
-def _crawl_will_run(cfg: PipelineConfig, force: bool) -> bool:
-    """Whether the crawl needs the embedded web: not complete here, and not adoptable from another run."""
-    return not is_complete(cfg, "crawl") and (force or find_reusable(cfg, "crawl") is None)
+def _will_run(cfg: PipelineConfig, stage: str, force: bool) -> bool:
+    """Not complete here, and not adoptable from another run."""
+    return not is_complete(cfg, stage) and (force or find_reusable(cfg, stage) is None)
+
+
+def _web_start_stage() -> StageSpec:
+    """The stage that starts from the embedded web's index page (harvest); later stages that use the web
+    request the URLs it found there."""
+    return next(spec for spec in STAGES if spec.uses_embedded_web)
 
 
 @flow(name="witclip-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
 def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str) -> list[dict]:
-    tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     web = EmbeddedWeb(cfg)
+    start = _web_start_stage()
     outcomes: list[StageOutcome] = []
     try:
-        for stage in STAGES:
-            if selected is not None and stage not in selected:
+        for spec in STAGES:
+            if selected is not None and spec.name not in selected:
                 continue
-            embedded = cfg.web.enabled and cfg.harvest.source == "web" and cfg.harvest.seed_url is None
             stage_force = force or selected is not None
-            if stage == "crawl" and embedded and _crawl_will_run(cfg, stage_force):
-                # the harvested URLs name the port the web had then; serve it there again if we can
-                harvested = (read_manifest(cfg.stage_dir("harvest")) or {}).get("counts", {}).get("seed_url")
-                if web.seed_url(preferred=harvested) != harvested:
-                    print("[crawl] the embedded web could not get its old port back: harvesting again")
-                    outcomes.append(execute_stage(cfg, "harvest", web, run_id, tracking_uri, force=True))
-            outcomes.append(execute_stage(cfg, stage, web, run_id, tracking_uri, stage_force))
+            if (spec.uses_embedded_web and spec is not start and embedded_web_in_use(cfg)
+                    and _will_run(cfg, spec.name, stage_force)):
+                # the URLs found there name the port the web had then; serve it there again if we can
+                found_at = (read_manifest(cfg.stage_dir(start.name)) or {}).get("counts", {}).get("seed_url")
+                if web.seed_url(preferred=found_at) != found_at:
+                    print(f"[{spec.name}] the embedded web could not get its old port back: {start.name} runs again")
+                    outcomes.append(execute_stage(cfg, start.name, web, run_id, tracking_uri, force=True))
+            outcomes.append(execute_stage(cfg, spec.name, web, run_id, tracking_uri, stage_force))
     finally:
         web.stop()
     return [o.__dict__ for o in outcomes]
@@ -341,9 +320,9 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
 def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: bool = False) -> dict:
     """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes + run id."""
     preflight(cfg, selected)
-    tracking_uri = registry.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    flat = registry.flatten_params(cfg.model_dump(mode="json"))
-    run_id = registry.get_or_create_run(
+    tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    flat = tracking.flatten_params(cfg.model_dump(mode="json"))
+    run_id = tracking.get_or_create_run(
         tracking_uri, cfg.mlflow.experiment, cfg.run_name, stable_hash(cfg.model_dump(mode="json")), flat
     )
     outcomes = pipeline_flow(cfg, selected, force, run_id)

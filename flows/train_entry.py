@@ -19,10 +19,11 @@ import torch
 
 from clip import create_model
 from clip.tokenizer import CaptionTokenizer
-from clip.train import TrainConfig, TrainingDiverged, train
+from clip.train import TrainingDiverged, train
 from clip.transform import train_transform
 from data.common.files import atomic_write_json
 from data.shards.loader import build_train_loader
+from flows.train_spec import SpecError, TrainSpec
 
 
 class MlflowMetricSink:
@@ -95,55 +96,57 @@ def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_l
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    t = spec["train"]
+    try:
+        spec = TrainSpec.load(argv[0])
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    loader = spec.loader
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     # Share the machine's cores between the ranks on it (the environment may pin OMP_NUM_THREADS=1).
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
-    tokenizer = CaptionTokenizer.load(spec["tokenizer"])
-    torch.manual_seed(t["seed"])  # the same initial weights for any world size
-    model = create_model(t["model"], vocab_size=tokenizer.vocab_size, context_length=t["context_length"])
-    transform = train_transform(model.config.vision.image_size, scale=tuple(t["crop_scale"]))
-    shard_dir = Path(spec["shard_dir"])
+    tokenizer = CaptionTokenizer.load(spec.tokenizer)
+    torch.manual_seed(spec.engine.seed)  # the same initial weights for any world size
+    model = create_model(spec.model, vocab_size=tokenizer.vocab_size, context_length=spec.context_length)
+    transform = train_transform(model.config.vision.image_size, scale=loader.crop_scale)
+    shard_dir = Path(spec.shard_dir)
 
     def batches(epoch: int, start: Any = None):
-        # webdataset pipeline (data/loader.py): shard shuffle by (seed, epoch), split by node and
+        # webdataset pipeline (data/shards/loader.py): shard shuffle by (seed, epoch), split by node and
         # worker, sample shuffle buffer; also reads img2dataset's raw NNNNN.tar output directly.
         # `start` is the position this rank checkpointed: the loader skips to the exact next batch.
         return build_train_loader(
             shard_dir,
             image_transform=transform,
-            tokenize=partial(tokenizer.__call__, context_length=t["context_length"]),  # picklable, unlike a lambda
-            batch_size=t["batch_size"], seed=t["seed"], epoch=epoch,
-            rank=rank, world_size=world_size, num_workers=t["num_workers"],
-            shuffle_buffer=t["shuffle_buffer"], partition=t["partition"], start_batch=start or 0,
+            tokenize=partial(tokenizer.__call__, context_length=spec.context_length),  # picklable, unlike a lambda
+            batch_size=loader.batch_size, seed=loader.seed, epoch=epoch,
+            rank=rank, world_size=world_size, num_workers=loader.num_workers,
+            shuffle_buffer=loader.shuffle_buffer, partition=loader.partition, start_batch=start or 0,
         )  # fmt: skip
 
     first = batches(0)
     n_train = first.num_samples
-    steps_per_epoch = max(1, first.batches_per_epoch // t["grad_accum"])
-    engine_keys = {f for f in TrainConfig.__dataclass_fields__} & set(t)
-    engine_cfg = TrainConfig(**{k: t[k] for k in engine_keys})
-    device = None if t["device"] == "auto" else t["device"]
+    steps_per_epoch = max(1, first.batches_per_epoch // spec.engine.grad_accum)
+    device = None if spec.device == "auto" else spec.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train.device is 'cuda' but no CUDA device is available")
 
-    mlflow_spec = spec.get("mlflow") or {}
+    mlflow_spec = spec.mlflow or {}
     tracked = rank == 0 and bool(mlflow_spec.get("run_id"))
     sink = MlflowMetricSink(mlflow_spec["tracking_uri"], mlflow_spec["run_id"]) if tracked else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     node_rank = int(os.environ.get("GROUP_RANK", 0))
     monitor = None
-    if mlflow_spec.get("run_id") and local_rank == 0 and t.get("system_metrics_interval", 0) > 0:
-        monitor = _system_metrics(mlflow_spec, t["system_metrics_interval"], node_rank, int(t.get("nnodes", 1)))
-    eval_fn = _zeroshot_check(spec["zeroshot"], tokenizer, t["context_length"]) if spec.get("zeroshot") else None
+    if mlflow_spec.get("run_id") and local_rank == 0 and spec.system_metrics_interval > 0:
+        monitor = _system_metrics(mlflow_spec, spec.system_metrics_interval, node_rank, spec.nnodes)
+    eval_fn = _zeroshot_check(spec.zeroshot, tokenizer, spec.context_length) if spec.zeroshot else None
 
-    out_dir = Path(spec["out_dir"])
+    out_dir = Path(spec.out_dir)
     try:
-        summary = train(model, batches, steps_per_epoch, engine_cfg, out_dir, on_metrics=sink, resume=True,
+        summary = train(model, batches, steps_per_epoch, spec.engine, out_dir, on_metrics=sink, resume=True,
                         device=device, on_checkpoint=sink.checkpoint if sink else None, eval_fn=eval_fn)
     except TrainingDiverged as exc:
         if rank == 0:

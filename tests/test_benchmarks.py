@@ -121,7 +121,7 @@ def test_deterministic_and_idempotent(tmp_path, bench_root):
 
 
 def test_benchmark_images_never_served(bench_root):
-    site = build_site(SiteSpec(seed=SEED))
+    site = build_site(SiteSpec(seed=SEED, n_pages=40, images_per_page=8))
     served_bytes = {site.image_bytes(p) for p in site.images}
     served_pixels = {
         hashlib.sha1(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).tobytes()).digest() for b in served_bytes

@@ -46,11 +46,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, sets, expected):
 
 def test_unreachable_seed_url(tmp_path, capsys):
     url = f"http://127.0.0.1:{_closed_port()}/"
-    code = main(["run", "--set", f"work_dir={tmp_path / 'runs'}", "--set", "web.enabled=false",
-                 "--set", f"harvest.seed_url={url}"])
+    base = ["run", "--set", f"work_dir={tmp_path / 'runs'}", "--set", "web.enabled=false", "--set", f"harvest.seed_url={url}"]
+    code = main(base + ["--set", "http.allowed_addresses=[127.0.0.1]"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith(f"error: harvest.seed_url {url} is unreachable") and "\n" not in err
+    # without the allowance the address guard refuses loopback before any request is sent
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: harvest.seed_url {url} is refused by the address guard (127.0.0.1 -> 127.0.0.1 "
+                   "(loopback)); list its address in http.allowed_addresses to crawl it")
     assert not (tmp_path / "runs").exists()
 
 
@@ -65,7 +70,7 @@ def test_unknown_stage_and_missing_upstream(tmp_path, capsys):
     assert main(base + ["--stages", "eval,polish"]) == 2
     assert "unknown stage 'polish'" in capsys.readouterr().err
     assert main(base + ["--stages", "eval"]) == 2
-    assert "stage 'eval' needs the output of 'train'" in capsys.readouterr().err
+    assert "stage 'eval' needs the output of 'dedup'" in capsys.readouterr().err
     assert main(base + ["--from", "polish"]) == 2
     assert "--from 'polish': expected one of harvest, crawl" in capsys.readouterr().err
     assert main(base + ["--from", "train"]) == 2  # train, eval, register: train needs shard's output

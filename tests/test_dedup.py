@@ -169,10 +169,10 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
     spec = {"shard_dir": str(tmp_path / "crawl"), "out_dir": str(tmp_path / "train"),
             "tokenizer": str(tmp_path / "tokenizer.json"), "train": train, "mlflow": {}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    from flows.stages import _free_loopback_port
+    from flows.stages.train import free_loopback_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_loopback_port()}", "-m", "flows.train_entry",
+           "--master-addr=127.0.0.1", f"--master-port={free_loopback_port()}", "-m", "flows.train_entry",
            str(tmp_path / "spec.json")]
     proc = subprocess.run(cmd, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True,
                           timeout=180)

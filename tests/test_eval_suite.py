@@ -219,7 +219,7 @@ def test_sklearn_digits_converted_with_our_command_then_evaluated(model_dir, tmp
                                      "--task", "mnist", "--out", str(wds)], cwd=REPO, capture_output=True, text=True)
     assert conv.returncode == 0, conv.stderr[-2000:]
     assert "wrote 1797 samples, 10 classes" in conv.stdout
-    listed = subprocess.run(witclip + ["benchmarks", "--data-root", str(tmp_path / "data")], cwd=REPO,
+    listed = subprocess.run(witclip + ["benchmarks", "list", "--data-root", str(tmp_path / "data")], cwd=REPO,
                             capture_output=True, text=True)
     assert listed.returncode == 0 and f"wds: {wds}" in listed.stdout
     out = tmp_path / "out"

@@ -1,5 +1,5 @@
 """Benchmark and URL-list fetching from mirrors (data.acquire.download, data.acquire.benchmarks, data.acquire.url_lists,
-flows.fetch_cmd) against loopback HTTP servers started here: a directory laid out like the public
+flows.cli.benchmarks / flows.cli.urls) against loopback HTTP servers started here: a directory laid out like the public
 CLIP_benchmark mirror (10-class cifar10 stand-in, 3 tars), served by a handler that honours Range
 requests or one that ignores them. Nothing leaves 127.0.0.1."""
 
@@ -33,7 +33,8 @@ from data.acquire.url_lists import fetch_url_lists
 from data.eval.registry import get_task, locate
 from data.eval.sources import open_task_data
 from flows.errors import UserError
-from flows.fetch_cmd import cmd_benchmarks_fetch, cmd_urls_fetch
+from flows.cli.benchmarks import cmd_benchmarks_fetch
+from flows.cli.urls import cmd_urls_fetch
 
 REPO = "wds_vtab-cifar10"
 SAMPLES = 40
@@ -580,26 +581,21 @@ def test_urls_fetch_rejects_bad_paths(tmp_path):
         cmd_urls_fetch("127.0.0.1:9", ["a.parquet"], None, str(tmp_path / "o"), 2)
 
 
-def test_urls_fetch_cli_parser(tmp_path):
-    import argparse
+def test_urls_and_benchmarks_fetch_are_subcommands_with_their_own_flags(capsys):
+    from flows.cli import build_parser
 
-    from flows.fetch_cmd import add_parsers
-
-    p = argparse.ArgumentParser()
-    add_parsers(p.add_subparsers(dest="command", required=True))
+    p = build_parser()
     args = p.parse_args(["urls", "fetch", "http://h/x", "a.parquet", "b.tsv.gz", "--out", "o", "--workers", "2"])
-    assert (args.action, args.base_url, args.files, args.out, args.workers, args.list) == (
-        "fetch", "http://h/x", ["a.parquet", "b.tsv.gz"], "o", 2, None)
-
-    import data.acquire.benchmarks as bf
-    import flows.fetch_cmd as fc
-
-    assert (fc.DEFAULT_MIRROR, fc.HF_TEMPLATE) == (bf.DEFAULT_MIRROR, bf.HF_TEMPLATE)
-    b = argparse.ArgumentParser()
-    b.add_argument("action", nargs="?", choices=["list", "convert", "fetch"], default="list")
-    b.add_argument("--data-root", action="append")
-    fc.add_benchmarks_fetch_options(b)
-    args = b.parse_args(["fetch", "--tasks", "cifar10", "--data-root", str(tmp_path), "--mirror", "http://127.0.0.1:9"])
-    assert (args.tasks, args.mirror, args.url_template, args.workers) == ("cifar10", "http://127.0.0.1:9", bf.HF_TEMPLATE, 4)
-    with pytest.raises(UserError, match="exactly one --data-root"):
-        fc.benchmarks_fetch_args(b.parse_args(["fetch", "--tasks", "cifar10"]))
+    assert (args.command, args.action, args.base_url, args.files, args.out, args.workers, args.list) == (
+        "urls", "fetch", "http://h/x", ["a.parquet", "b.tsv.gz"], "o", 2, None)
+    args = p.parse_args(["benchmarks", "fetch", "--tasks", "cifar10", "--data-root", "d", "--mirror", "http://127.0.0.1:9"])
+    assert (args.tasks, args.data_root, args.mirror, args.url_template, args.workers) == (
+        "cifar10", "d", "http://127.0.0.1:9", None, 4)  # None: the command fills in bf.HF_TEMPLATE
+    for wrong in (["benchmarks", "fetch", "--data-root", "d"],  # --tasks is required
+                  ["benchmarks", "list", "--tasks", "cifar10"],  # a fetch flag on list
+                  ["benchmarks", "convert", "--folder", "f", "--mirror", "m", "--out", "o"],
+                  ["urls", "fetch", "http://h/x", "--data-root", "d", "--out", "o"]):
+        with pytest.raises(SystemExit) as exit_:
+            p.parse_args(wrong)
+        assert exit_.value.code == 2, wrong
+    assert "usage:" in capsys.readouterr().err

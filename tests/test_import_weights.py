@@ -5,7 +5,6 @@ the model-directory tokenizer convention; one-line errors."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import socket
@@ -28,9 +27,9 @@ from clip.tokenizer import (
     load_tokenizer,
     train_caption_tokenizer,
 )
+from flows.cli import build_parser
 from flows.errors import UserError
-from flows.weights_cmd import (
-    add_parser,
+from flows.weights import (
     bundled_config_name,
     import_weights,
     packaged_openai_vocab,
@@ -235,8 +234,7 @@ def test_cli_local_file_import(sources, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = _store(tmp_path)
-    parser = argparse.ArgumentParser(prog="witclip")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     src = sources["dir"] / "ViT-small.pt"
     args = parser.parse_args(["import-weights", str(src), "--name", "other", "--vocab", str(VOCAB),
                               "--tracking-uri", uri, "--out", str(tmp_path / "imports")])
@@ -289,7 +287,7 @@ def test_missing_local_file_fails_with_one_line(tmp_path):
 
 
 def test_missing_vocab_and_bad_inputs(tmp_path, monkeypatch):
-    import flows.weights_cmd as wc
+    import flows.weights as wc
 
     common = dict(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "imports")
     junk = tmp_path / "junk.pt"

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from data.common.manifest import read_manifest
-from flows.config import STAGES, load_config
+from flows.config import load_config
+from flows.stages import STAGE_NAMES as STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_pipeline_on_real_servers_ui_auth_and_schedule(tmp_path, monkeypatch):
         assert mlflow_url.startswith("http://127.0.0.1:") and prefect_url.startswith("http://127.0.0.1:")
 
         overrides = TINY + [f"work_dir={tmp_path / 'runs'}", f"mlflow.tracking_uri={mlflow_url}",
-                            f"crawl.scheduler_address={dask_address}"]
+                            f"cluster.scheduler_address={dask_address}"]
         config = str(REPO / "configs" / "local-services.yaml")
         load_config(config, overrides)  # the shipped file parses
         sets = [a for o in overrides for a in ("--set", o)]

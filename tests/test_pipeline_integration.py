@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data.common.manifest import read_manifest
-from flows.config import STAGES, load_config
+from flows.config import load_config
+from flows.stages import STAGE_NAMES as STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -191,11 +192,11 @@ def test_mlflow_models_serve_answers_a_rest_prediction(pipeline_env, tmp_path):
     import urllib.request
 
     from data.synthetic import Scene, render_scene
-    from flows.stages import _free_loopback_port
+    from flows.stages.train import free_loopback_port
 
     buf = io.BytesIO()
     render_scene(Scene("circle", "red", 1, "large", "white", "centre"), 64, random.Random(0)).save(buf, "PNG")
-    port = _free_loopback_port()
+    port = free_loopback_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline_env["first"]["tracking_uri"],
            "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there

@@ -101,9 +101,9 @@ def _ddp_accum_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_accumulation_under_ddp_equals_single_process_global_batch(tmp_path):
-    from flows.stages import _free_loopback_port
+    from flows.stages.train import free_loopback_port
 
-    mp.spawn(_ddp_accum_worker, args=(2, _free_loopback_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_accum_worker, args=(2, free_loopback_port(), str(tmp_path)), nprocs=2, join=True)
     images, tokens = random_batch(32, seed=1)
     ref = small_model()
     ref_loss = accumulate_gradients(ref, [(images, tokens)], ClipLoss())
@@ -286,9 +286,9 @@ def write_spec(shards: Path, out: Path, **train_overrides) -> Path:
 
 
 def torchrun(spec: Path, nproc: int, extra: list[str] | None = None) -> list[str]:
-    from flows.stages import _free_loopback_port
+    from flows.stages.train import free_loopback_port
 
-    rdzv = extra or ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={_free_loopback_port()}"]
+    rdzv = extra or ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_loopback_port()}"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rdzv,
             "-m", "flows.train_entry", str(spec)]
 
@@ -311,7 +311,7 @@ def step_losses(out: Path) -> dict[int, float]:
 def test_two_ranks_two_nodes_and_accumulation_match_one_rank_step_by_step(shards, tmp_path):
     """The same global batch of 16 four ways: 1 rank x 16; 2 ranks x 8 (one torchrun); 2 nodes x 1 rank
     x 8 (two torchruns meeting at a c10d rendezvous on loopback); 1 rank x 4 micro-batches of 4."""
-    from flows.stages import _free_loopback_port
+    from flows.stages.train import free_loopback_port
 
     # whole-image crops, no sample shuffle, samples striped over ranks: rank r's batch j holds the
     # samples i % 2 == r of the 1-rank batch j, so every step sees the same global batch
@@ -323,7 +323,7 @@ def test_two_ranks_two_nodes_and_accumulation_match_one_rank_step_by_step(shards
     run_ok(torchrun(write_spec(shards, two, batch_size=8, nproc=2, **same_batches), 2))
     nodes = tmp_path / "nodes"
     spec = write_spec(shards, nodes, batch_size=8, nnodes=2, rdzv_endpoint="x:1", **same_batches)
-    endpoint = f"127.0.0.1:{_free_loopback_port()}"
+    endpoint = f"127.0.0.1:{free_loopback_port()}"
     procs = [subprocess.Popen(torchrun(spec, 1, ["--nnodes=2", f"--node-rank={r}", "--rdzv-backend=c10d",
                                                   f"--rdzv-endpoint={endpoint}", "--rdzv-id=t"]),
                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -82,17 +82,18 @@ def _noisy_alt(rng: random.Random) -> str:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Everything that determines a synthetic site; equal specs give identical sites."""
+    """Everything that determines a synthetic site; equal specs give identical sites. The defaults are
+    the demo's web (the pipeline's `web` config section takes them from here)."""
 
     seed: int = 0
-    n_pages: int = 40
-    images_per_page: int = 8
+    n_pages: int = 450
+    images_per_page: int = 16
     links_per_page: int = 4
     image_size: int = 64
     noisy_alt_rate: float = 0.08
     exact_duplicate_rate: float = 0.04
     near_duplicate_rate: float = 0.04
-    fault_rate: float = 0.08
+    fault_rate: float = 0.05
     slow_seconds: float = 3.0
     jpeg_quality: int = 90
     # New fields go last so positional construction keeps working.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real Dask cluster on this machine: one `dask scheduler` and one `dask worker` (nanny) process
 # managing N worker processes, all bound to 127.0.0.1. Point the crawl at it with
-#   crawl.scheduler_address: tcp://127.0.0.1:<port>      (printed by `start`)
+#   cluster.scheduler_address: tcp://127.0.0.1:<port>      (printed by `start`)
 #
 #   infra/local/dask-cluster.sh start [STATE_DIR] [N_WORKERS] [PORT]   # prints the scheduler address
 #   infra/local/dask-cluster.sh stop  [STATE_DIR]

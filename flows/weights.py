@@ -1,4 +1,5 @@
-"""`witclip import-weights`: register an OpenAI-format CLIP checkpoint as a baseline model version.
+"""Importing weights: register an OpenAI-format CLIP checkpoint as a baseline model version
+(`witclip import-weights`, whose command line is in `flows.cli.models`).
 
 SOURCE is a local file or an http(s) URL of a checkpoint as OpenAI released them (a TorchScript archive)
 or a plain state_dict saved with torch.save, fp16 or fp32. It is converted to witclip's model directory
@@ -11,64 +12,30 @@ gate and is never set or moved here.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import importlib.util
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
+from data.acquire.weights import is_url
 from data.common.files import atomic_write_json, sha256_file
 from flows.errors import UserError
 
-DEFAULT_OUT = Path("runs") / "imports"
+DEFAULT_IMPORTS_DIR = Path("runs") / "imports"  # downloads and converted model directories
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-# ----------------------------------------------------------------------------- fetching
-def _is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https")
-
-
-def _url_dest(url: str, downloads: Path) -> Path:
-    """downloads/<hash of the URL>/<the URL's file name>: one place per URL, named like the remote file."""
-    name = Path(unquote(urlparse(url).path)).name
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "download"
-    return downloads / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-
-
 def fetch(source: str, downloads: Path, *, what: str, progress: bool = True) -> Path:
-    """A local file as is; an http(s) URL downloaded (resumably) under `downloads`. One-line UserError
-    for a missing file, an unsupported scheme or a failed download (the message names the host)."""
-    if _is_url(source):
-        from data.acquire.download import FETCH_MANIFEST, DownloadError, download_files
+    """`data.acquire.weights.fetch_model_file`, its one-line failure as a UserError."""
+    from data.acquire.weights import ModelFileError, fetch_model_file
 
-        dest = _url_dest(source, downloads)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        host = urlparse(source).netloc
-        try:
-            # the manifest records each file's sha256: a later run re-uses a file only if its bytes match
-            download_files([(source, dest)], manifest=downloads / FETCH_MANIFEST, progress=progress, desc=what)
-        except DownloadError as e:  # one line naming the host (HostUnreachable: within ~5 s)
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(msg if host in msg else f"{what} {source}: {msg}") from None
-        except (ValueError, OSError) as e:  # a malformed URL; anything the downloader did not wrap
-            raise UserError(f"{what} {source}: download from {host or 'nowhere'} failed: {e}") from None
-        if not dest.is_file():
-            raise UserError(f"{what} {source}: download from {host} produced no file")
-        return dest
-    if "://" in source:
-        raise UserError(f"{what} {source}: unsupported URL scheme; expected a local file or an http(s) URL")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        state = "is not a file" if path.exists() else "does not exist"
-        raise UserError(f"{what} {source} {state}; expected a local file or an http(s) URL")
-    return path
+    try:
+        return fetch_model_file(source, downloads, what=what, progress=progress)
+    except ModelFileError as err:
+        raise UserError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- tokenizer vocab
@@ -175,7 +142,8 @@ def import_weights(
     from mlflow.tracking import MlflowClient
 
     from clip.checkpoint import save_model
-    from flows.registry import check_tracking_uri, log_clip_model
+    from flows.registry import log_clip_model
+    from flows.tracking import check_tracking_uri
 
     _check_alias(alias)
     check_tracking_uri(tracking_uri)
@@ -201,7 +169,7 @@ def import_weights(
     del model
 
     lineage = {
-        "source": source if _is_url(source) else sha,
+        "source": source if is_url(source) else sha,
         "source_sha256": sha,
         "imported_from": IMPORTED_FROM,
         "source_dtype": source_dtype,
@@ -209,7 +177,7 @@ def import_weights(
     }
     if config_name:
         lineage["config"] = config_name
-    if not _is_url(source):
+    if not is_url(source):
         lineage["source_file"] = ckpt_path.name
     atomic_write_json(model_dir.parent / f"{sha[:16]}.import.json", lineage)
 
@@ -239,40 +207,3 @@ def import_weights(
         "model_dir": str(model_dir),
         "source_dtype": source_dtype,
     }
-
-
-# ----------------------------------------------------------------------------- command line
-def cmd_import_weights(args: argparse.Namespace) -> int:
-    from flows.registry import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    result = import_weights(args.source, name=args.name, alias=args.alias, vocab=args.vocab, tracking_uri=uri,
-                            out_dir=Path(args.out), experiment=args.experiment, progress=True)
-    config = result["config"] or "no bundled config"
-    print(f"registered {result['model_uri']} as @{result['alias']} ({config}, {result['source_dtype']} source, "
-          f"sha256 {result['sha256']})")
-    print(f"model directory: {result['model_dir']}; MLflow store: {uri}")
-    return 0
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Add `import-weights` to the `witclip` subcommands (`sub` = ArgumentParser.add_subparsers())."""
-    p = sub.add_parser(
-        "import-weights",
-        help="register an OpenAI-format CLIP checkpoint (file or URL) as a model version with alias baseline",
-        description="Convert an OpenAI-format CLIP checkpoint (TorchScript archive or torch.save state_dict, "
-                    "fp16 or fp32) to witclip's format, log it to MLflow and register it with an alias "
-                    "(baseline) for the eval stage and the promotion gate to compare against. "
-                    "Never sets @champion.",
-    )
-    p.add_argument("source", metavar="SOURCE", help="checkpoint file or http(s) URL")
-    p.add_argument("--name", default="witclip", help="registered model name (default: witclip)")
-    p.add_argument("--alias", default="baseline", help="alias to point at the new version (default: baseline)")
-    p.add_argument("--vocab", help="tokenizer: OpenAI's bpe_simple_vocab_16e6.txt.gz (file or URL) or a "
-                                   "tokenizer.json (default: the copy open_clip ships, when installed)")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="witclip", help="MLflow experiment of the import run (default: witclip)")
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help=f"where downloads and converted model directories go (default: {DEFAULT_OUT})")
-    p.set_defaults(fn=cmd_import_weights)
-    return p

@@ -1,0 +1,39 @@
+"""crawl: img2dataset on Dask downloads the candidates through the guarded, polite fetcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.stages.spec import StageContext, StageSpec
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from prefect.artifacts import create_table_artifact
+
+    from data.crawl import crawl
+    from data.harvest import CANDIDATES_FILE
+
+    c = ctx.cfg.crawl
+    counts = crawl(
+        ctx.input_dir("harvest") / CANDIDATES_FILE, ctx.out_dir,
+        image_size=c.image_size, resize_mode=c.resize_mode, shard_size=c.shard_size, threads=c.threads,
+        retries=c.retries, processes=ctx.cfg.cluster.processes, scheduler_address=ctx.cfg.cluster.scheduler_address,
+        policy=c.fetch_policy(ctx.cfg.http, ctx.cfg.web.enabled),
+    )  # fmt: skip
+    create_table_artifact(
+        key="crawl-status",
+        table=[{"reason": reason, "urls": n} for reason, n in counts.get("reasons", {}).items()],
+        description=f"{counts.get('urls', 0)} candidate URLs, one status each (crawl/status.parquet)",
+    )
+    return counts
+
+
+SPEC = StageSpec(
+    name="crawl",
+    upstream=("harvest",),
+    reads=lambda cfg: ("crawl", "http", "web.enabled", "cluster"),
+    runtime=("cluster",),  # where the work runs does not change what it downloads
+    run=run,
+    figures=("urls", "successes", "failed_to_download", "failed_to_resize"),
+    uses_embedded_web=True,
+)

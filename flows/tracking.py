@@ -1,0 +1,139 @@
+"""MLflow tracking: where the store is (resolved in one place), the pipeline's run and its nested stage
+runs, metrics and artifacts. mlflow is imported inside the functions, so that reading the config (which
+takes `DEFAULT_TRACKING_URI` from here) stays light.
+
+MLflow's active run is thread-local and Prefect may run code in other threads, so everything here takes
+the run id explicitly and talks to the store through `MlflowClient`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own local default, in the working directory
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """The MLflow store a command uses: `explicit` (a --tracking-uri flag or the config's
+    mlflow.tracking_uri), else $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI; a relative sqlite path is
+    made absolute so that subprocesses (torchrun ranks) see the same store."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, with one line, if the tracking store cannot be reached."""
+    from flows.errors import UserError
+
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except Exception as e:  # noqa: BLE001 - any failure means unreachable
+            raise UserError(f"MLflow tracking server {uri} is unreachable ({e}); expected a running `mlflow server`")
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///") :]).parent
+        if not parent.is_dir():
+            raise UserError(f"mlflow.tracking_uri {uri}: directory {parent} does not exist")
+
+
+def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_hash: str, params: dict) -> str:
+    """One MLflow run per (pipeline run name, config): re-invocations with the same config reuse it."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`witclip.run_name` = '{run_name}' and tags.`witclip.config_hash` = '{config_hash}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id, run_name=run_name, tags={"witclip.run_name": run_name, "witclip.config_hash": config_hash}
+    )
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps params per batch call
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, counts: dict[str, Any]) -> None:
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    numbers = dict(counts)
+    for reason, n in (counts.get("reasons") or {}).items():  # crawl: one metric per status reason
+        numbers[f"reasons.{reason}"] = n
+    metrics = [
+        Metric(f"{stage}/{k}", float(v), now, 0)
+        for k, v in numbers.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+    client.log_artifact(run_id, str(manifest_path), artifact_path=f"manifests/{stage}")
+
+
+def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict[str, Any],
+                  manifest_path: Path | None = None) -> str:
+    """A nested run for one stage of the pipeline run: the stage's config slice as params, its key,
+    status and provenance as tags, its figures as metrics, its manifest as an artifact."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "witclip.stage": stage, "witclip.stage_status": status,
+            "witclip.run_name": parent.data.tags.get("witclip.run_name", ""), "witclip.stage_key": manifest.get("key", "")}
+    if manifest.get("reused_from"):
+        tags["witclip.reused_from"] = manifest["reused_from"]
+    child = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{stage}", tags=tags)
+    run_id = child.info.run_id
+    flat = flatten_params(manifest.get("config", {}))
+    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    now = int(time.time() * 1000)
+    numbers = {**manifest.get("counts", {}), "seconds": manifest.get("seconds", 0.0) if status == "ran" else 0.0}
+    metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, max(len(params), len(metrics)), 100):  # MLflow caps items per batch call
+        client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+    if manifest_path is not None:  # none for a failed stage: it wrote no manifest
+        client.log_artifact(run_id, str(manifest_path))
+    client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+    return run_id
+
+
+def flatten_params(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: nested config as MLflow param names."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    client = _client(tracking_uri)
+    for p in paths:
+        if p.exists():
+            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
