@@ -178,7 +178,8 @@ def stage_flow(spec: StageSpec) -> Any:
     if spec.name not in _FLOWS:
 
         def run_stage(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str, seed_url: str | None) -> dict:
-            ctx = StageContext(stage=spec.name, cfg=spec.view(cfg), work_dir=cfg.work_dir, out_dir=cfg.stage_dir(spec.name),
+            ctx = StageContext(stage=spec.name, cfg=spec.view(cfg), work_dir=cfg.work_dir,
+                               out_dir=cfg.stage_dir(spec.name),
                                upstream_dirs={up: cfg.stage_dir(up) for up in spec.upstream},
                                mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, seed_url=seed_url)
             return spec.run(ctx)
@@ -317,16 +318,21 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
     return [o.__dict__ for o in outcomes]
 
 
-def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: bool = False) -> dict:
-    """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes + run id."""
+def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: bool = False,
+                 verbose: bool = True) -> dict:
+    """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes, run id and the
+    run's log file. With verbose=False the console shows only witclip's lines (flows.console)."""
+    from flows.console import RunLog
+
     preflight(cfg, selected)
-    tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
-    flat = tracking.flatten_params(cfg.model_dump(mode="json"))
-    run_id = tracking.get_or_create_run(
-        tracking_uri, cfg.mlflow.experiment, cfg.run_name, stable_hash(cfg.model_dump(mode="json")), flat
-    )
-    outcomes = pipeline_flow(cfg, selected, force, run_id)
-    return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": tracking_uri}
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    with RunLog(cfg.run_dir, verbose=verbose) as log:
+        print(f"pipeline run {cfg.run_name} in {cfg.run_dir}; the engines' messages go to {log.path}")
+        flat = tracking.flatten_params(cfg.model_dump(mode="json"))
+        run_id = tracking.get_or_create_run(uri, cfg.mlflow.experiment, cfg.run_name,
+                                            stable_hash(cfg.model_dump(mode="json")), flat)
+        outcomes = pipeline_flow(cfg, selected, force, run_id)
+    return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": uri, "log": str(log.path)}
 
 
 def scheduled_run_name(base: str, scheduled_at: datetime) -> str:
@@ -345,6 +351,5 @@ def scheduled_pipeline(config: str | None = None, overrides: list[str] | None = 
 
     cfg = load_config(config, overrides or [])
     cfg = cfg.model_copy(update={"run_name": scheduled_run_name(cfg.run_name, flow_run.scheduled_start_time)})
-    print(f"pipeline run {cfg.run_name} in {cfg.run_dir}")
-    result = run_pipeline(cfg)
+    result = run_pipeline(cfg)  # a worker's console is a log already: nothing is filtered there
     return [{"stage": o["stage"], "status": o["status"]} for o in result["outcomes"]]

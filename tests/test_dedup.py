@@ -165,10 +165,10 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
     from flows.config import TrainConfig
 
     train = TrainConfig(nproc=2, device="cpu", vocab_size=300, context_length=16, epochs=1, batch_size=8,
-                        warmup_steps=1, checkpoint_every=100, log_every=1).model_dump(mode="json")
-    spec = {"shard_dir": str(tmp_path / "crawl"), "out_dir": str(tmp_path / "train"),
-            "tokenizer": str(tmp_path / "tokenizer.json"), "train": train, "mlflow": {}}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+                        warmup_steps=1, checkpoint_every=100, log_every=1)
+    spec = train.train_spec(shard_dir=tmp_path / "crawl", out_dir=tmp_path / "train",
+                            tokenizer=tmp_path / "tokenizer.json")
+    (tmp_path / "spec.json").write_text(spec.to_json())
     from flows.stages.train import free_loopback_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
@@ -183,7 +183,7 @@ def test_trainer_reads_img2dataset_raw_shards(tmp_path):
 
 
 def test_search_on_dask_gives_the_same_result(tmp_path, scheduler, monkeypatch):
-    import data.dedup.dedup as dedup_module
+    import data.dedup.deduplicate as dedup_module
 
     base = [_photo(4000 + i) for i in range(40)]
     samples = [(f"http://example.com/{i}.jpg", f"p {i}", _jpeg(img)) for i, img in enumerate(base)]

@@ -353,7 +353,8 @@ def test_pipeline_register_model_unchanged(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from flows.registry import get_or_create_run, register_model
+    from flows.registry import register_model
+    from flows.tracking import get_or_create_run
 
     uri = _store(tmp_path)
     train_dir = tmp_path / "train"
@@ -374,6 +375,9 @@ def test_pipeline_register_model_unchanged(tmp_path):
     mlflow.set_tracking_uri(uri)
     pyfunc = mlflow.pyfunc.load_model("models:/witclip@champion")
     assert isinstance(pyfunc.unwrap_python_model().tokenizer, CaptionTokenizer)
+    # every registered version pickles the pyfunc class by reference: this path must keep importing
+    pickled = next(Path(mlflow.artifacts.download_artifacts("models:/witclip@champion")).rglob("python_model.pkl"))
+    assert b"flows.registry" in pickled.read_bytes() and b"WitclipZeroShotModel" in pickled.read_bytes()
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
     frame = pd.DataFrame({"image": [str(tmp_path / "red.png")], "labels": [["a red circle", "a blue square"]]})
     out = pyfunc.predict(frame)

@@ -278,6 +278,12 @@ def test_killed_during_training_then_run_again_resumes_without_redoing_data_stag
     assert trained and min(trained) > at  # nothing before the checkpoint was trained again
     summary = json.loads((train_dir / "summary.json").read_text())
     assert summary["steps"] == summary["steps_per_epoch"] * 6
+    # the console shows witclip's lines; the engines' chatter is in the run's log file only
+    log = Path(re.search(r"^Log of this run \(witclip and the engines\): (\S+)$", out, flags=re.M).group(1))
+    logged = "".join(f.read_text() for f in sorted(log.parent.glob("*.log")))  # the killed run's and this one's
+    for chatter in ("distributed.scheduler", "Beginning subflow run", "Finished in state", "Successfully registered"):
+        assert chatter not in out and chatter in logged, chatter
+    assert "[train] resumed from" in logged and "[register] done" in logged
 
 
 def test_eval_with_no_task_data_fails_in_one_line_and_registers_nothing(pipeline_env):

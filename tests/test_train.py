@@ -277,11 +277,10 @@ def write_spec(shards: Path, out: Path, **train_overrides) -> Path:
 
     t = TrainSection(device="cpu", vocab_size=300, context_length=16, lr=1e-3, warmup_steps=2, log_every=1,
                      system_metrics_interval=0, progress=False, eval_every=0, **train_overrides)
-    spec = {"shard_dir": str(shards), "out_dir": str(out), "tokenizer": str(shards.parent / "tokenizer.json"),
-            "train": t.model_dump(mode="json"), "mlflow": {}}
+    spec = t.train_spec(shard_dir=shards, out_dir=out, tokenizer=shards.parent / "tokenizer.json")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "spec.json"
-    path.write_text(json.dumps(spec))
+    path.write_text(spec.to_json())
     return path
 
 

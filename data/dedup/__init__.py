@@ -1,6 +1,6 @@
 """The dedup stage: exact duplicates, benchmark decontamination and near-duplicate clusters
-(`dedup.py`) on 64-bit perceptual hashes with a sub-quadratic Hamming search (`phash.py`)."""
+(`deduplicate.py`) on 64-bit perceptual hashes with a sub-quadratic Hamming search (`phash.py`)."""
 
-from data.dedup.dedup import KEEP_FILE, OVERLAP_FILE, REPORT_FILE, dedup, load_successes
+from data.dedup.deduplicate import KEEP_FILE, OVERLAP_FILE, REPORT_FILE, dedup, load_successes
 
 __all__ = ["KEEP_FILE", "OVERLAP_FILE", "REPORT_FILE", "dedup", "load_successes"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def print_summary(result: dict, cfg) -> None:
     print()
     print(f"MLflow run: {result['run_id']} (experiment '{cfg.mlflow.experiment}', store {uri})")
     print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"Log of this run (witclip and the engines): {result['log']}")
     for o in result["outcomes"]:
         if o["stage"] == "register":
             c = o["counts"]
@@ -70,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline, select_stages
 
     selected = select_stages(args.stages, args.from_stage)
-    result = run_pipeline(cfg, selected, force=args.force)
+    result = run_pipeline(cfg, selected, force=args.force, verbose=args.verbose)
+    if not args.verbose:  # Prefect's temporary API says goodbye at exit: chatter, like its hello
+        logging.getLogger("prefect").setLevel(logging.WARNING)
     print_summary(result, cfg)
     return 0
 
@@ -140,6 +144,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--stages", help="comma-separated stages to (re-)run, e.g. eval,register")
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every stage after it")
     r.add_argument("--force", action="store_true", help="re-run stages even when complete")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="also show the engines' messages (Prefect, Dask, MLflow, img2dataset) on the console; "
+                        "they always go to <work_dir>/<run_name>/logs/")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("serve", help="serve the pipeline on a schedule against a Prefect server (PREFECT_API_URL)")

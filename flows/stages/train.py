@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -33,6 +34,25 @@ def torchrun_command(ctx: StageContext, spec_path: Path, node_rank: int) -> list
     return cmd + ["-m", "flows.train_entry", str(spec_path.resolve())]
 
 
+def run_torchrun(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun and wait for it. What witclip's ranks print (`[train] ...`, `error: ...`) is printed
+    here, so it reaches the console and the flow's logs; the rest of the ranks' output (torchrun's own
+    messages, library warnings, MLflow's system-metrics notices) goes to the `torchrun` logger, which
+    only the run's log file shows (flows.console)."""
+    engine_log = logging.getLogger("torchrun")
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # the ranks write into a pipe now: lines must arrive as printed
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line.startswith(("[train]", "error:")):
+            print(line)
+        elif line:
+            engine_log.info(line)
+    return proc.wait()
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     from data.common.files import atomic_write
     from data.shards.tokenizer import train_tokenizer
@@ -57,10 +77,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             if rank != t.node_rank:
                 print(f"node {rank} of {t.nnodes} must run (with {spec_path} at the same path):",
                       " ".join(torchrun_command(ctx, spec_path, rank)))
-    print("launching:", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with code {proc.returncode}: see the [train] lines above")
+    print("[train] launching:", " ".join(cmd))
+    code = run_torchrun(cmd, env)
+    if code != 0:
+        raise RuntimeError(f"torchrun exited with code {code}: see the [train] lines above and the run's log "
+                           f"in {out_dir.parent / 'logs'}")
     summary = json.loads((out_dir / "summary.json").read_text())
     summary["vocab_size"] = tok["vocab_size"]
     return summary
