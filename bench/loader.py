@@ -40,6 +40,7 @@ import clip  # noqa: E402
 from clip.loss import ClipLoss  # noqa: E402
 from clip.tokenizer import CaptionTokenizer, train_caption_tokenizer  # noqa: E402
 from clip.transform import train_transform  # noqa: E402
+from data.shards.format import CAPTION_EXT, METADATA_EXT, SIZES_FILE, shard_file_name  # noqa: E402
 from data.shards.loader import build_train_loader  # noqa: E402
 from data.synthetic import describe_scene, encode_jpeg, random_scene, render_scene  # noqa: E402
 
@@ -68,7 +69,7 @@ def make_shards(out: Path, image_size: int) -> list[str]:
     rng = random.Random(0)
     captions, sizes = [], {}
     for shard in range(N_SAMPLES // PER_SHARD):
-        name = f"train-{shard:06d}.tar"
+        name = shard_file_name("train", shard)
         with tarfile.open(out / name, "w") as tf:
             for k in range(PER_SHARD):
                 i = shard * PER_SHARD + k
@@ -78,12 +79,12 @@ def make_shards(out: Path, image_size: int) -> list[str]:
                 captions.append(caption)
                 key = f"{i:09d}"
                 meta = json.dumps({"key": key, "caption": caption}).encode()
-                for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", meta)):
+                for ext, data in (("jpg", jpg), (CAPTION_EXT, caption.encode()), (METADATA_EXT, meta)):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime = len(data), 0
                     tf.addfile(info, io.BytesIO(data))
         sizes[name] = PER_SHARD
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
     return captions
 
 
