@@ -9,7 +9,7 @@ import pytest
 from flows.config import PipelineConfig, load_config
 from flows.pipeline import stage_key
 from flows.stages import STAGE_NAMES, STAGES, UndeclaredRead, downstream, get_stage
-from flows.stages.spec import _covered
+from flows.stages.spec import covers
 
 
 def _keys(cfg: PipelineConfig) -> dict[str, str]:
@@ -19,7 +19,7 @@ def _keys(cfg: PipelineConfig) -> dict[str, str]:
 def _readers(cfg: PipelineConfig, path: str) -> set[str]:
     """Stages whose key covers `path`: declared, and not one of their runtime paths."""
     return {spec.name for spec in STAGES
-            if _covered(spec.declared(cfg), path) and not _covered(frozenset(spec.runtime), path)}
+            if covers(spec.declared(cfg), path) and not covers(frozenset(spec.runtime), path)}
 
 
 def test_each_config_field_changes_the_keys_of_its_readers_and_their_downstream_only(tmp_path):
@@ -89,7 +89,7 @@ def test_every_spec_is_consistent():
     seen: set[str] = set()
     for spec in STAGES:
         declared = spec.declared(cfg)
-        assert all(_covered(declared, path) for path in spec.runtime), spec.name
+        assert all(covers(declared, path) for path in spec.runtime), spec.name
         assert set(spec.key_values) <= declared, spec.name
         assert set(spec.upstream) <= seen, f"{spec.name}: upstream stages come first"
         seen.add(spec.name)

@@ -126,7 +126,7 @@ class _Opened:
     linked_sha256: str | None  # a sha256 the server published for the file (Hugging Face LFS)
 
 
-def _as_download_error(err: HttpError, url: str) -> Exception:
+def _as_download_error(err: HttpError) -> Exception:
     """The shared layer's error as this module's internal ones: permanent or worth another attempt."""
     if err.permanent:
         return _Permanent(err.detail or err.reason)
@@ -145,7 +145,7 @@ def _open(client: HttpClient, url: str, method: str, headers: dict[str, str], *,
     try:
         response = client.open(url, method, headers, follow_redirects=follow, on_response=note_linked_sha256)
     except HttpError as err:
-        raise _as_download_error(err, url) from None
+        raise _as_download_error(err) from None
     return _Opened(response, linked[-1] if linked else None)
 
 

@@ -19,7 +19,7 @@ from flows.errors import UserError
 MAX_WORKERS = 64
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -28,7 +28,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _check_workers(workers: int) -> None:
+def check_workers(workers: int) -> None:
     if not 1 <= workers <= MAX_WORKERS:
         raise UserError(f"--workers {workers}: expected 1..{MAX_WORKERS} parallel downloads")
 
@@ -100,7 +100,7 @@ def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: 
         raise UserError("benchmarks fetch: --data-root DIR is required (where the datasets go)")
     mirror = mirror or DEFAULT_MIRROR
     url_template = url_template or HF_TEMPLATE
-    _check_workers(workers)
+    check_workers(workers)
     names = select_tasks(tasks)
     try:
         check_mirror(mirror, url_template)
@@ -114,7 +114,7 @@ def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: 
         where = r.get("location") or r.get("path") or ""
         detail = where if not note else (f"{where} ({note})" if where and r["status"] != STATUS_FAILED else note)
         files = str(r["files"]) if r.get("files") else "-"
-        size = _size(r["bytes"]) if r.get("bytes") else "-"
+        size = human_size(r["bytes"]) if r.get("bytes") else "-"
         secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
         rows.append((name, r["status"], files, size, secs, detail))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -122,7 +122,7 @@ def cmd_benchmarks_fetch(tasks: str, data_root: str, mirror: str, url_template: 
         print("  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row[:5], widths)))
               + "  " + row[5])
     print(f"{result['fetched']} fetched, {result['complete']} already complete, {result['no_mirror']} without a "
-          f"public mirror, {result['failed']} failed; {_size(result['bytes_downloaded'])} downloaded in "
+          f"public mirror, {result['failed']} failed; {human_size(result['bytes_downloaded'])} downloaded in "
           f"{result['seconds']:.1f} s into {data_root}")
     if result["fetched"] or result["complete"]:
         print(f"evaluate with: witclip eval --data-root {data_root} --tasks {tasks} --model <model dir or URI>")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.cli.benchmarks import _check_workers, _size
+from flows.cli.benchmarks import check_workers, human_size
 from flows.errors import UserError
 
 
@@ -22,7 +22,7 @@ def cmd_urls_fetch(base_url: str, files: list[str], list_file: str | None, out: 
 
     if not out:
         raise UserError("urls fetch: --out DIR is required (where the lists go)")
-    _check_workers(workers)
+    check_workers(workers)
     names = list(files or [])
     if list_file:
         try:
@@ -38,8 +38,8 @@ def cmd_urls_fetch(base_url: str, files: list[str], list_file: str | None, out: 
     except (DownloadError, ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     print(f"{r['files']} file(s) in {out}: {r['downloaded']} downloaded, {r['resumed']} resumed, "
-          f"{r['verified']} verified, {r['refetched']} re-fetched (corrupt); {_size(r['bytes_downloaded'])} "
-          f"downloaded in {r['seconds']:.1f} s, {_size(r['bytes'])} on disk")
+          f"{r['verified']} verified, {r['refetched']} re-fetched (corrupt); {human_size(r['bytes_downloaded'])} "
+          f"downloaded in {r['seconds']:.1f} s, {human_size(r['bytes'])} on disk")
     cols = ""
     if url_col is not None:
         cols = f" --set harvest.url_col={url_col} --set harvest.caption_col={caption_col}"

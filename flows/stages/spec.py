@@ -28,7 +28,7 @@ class UndeclaredRead(LookupError):
     """A stage read a config path its spec does not declare: a bug in the stage's module."""
 
 
-def _covered(declared: frozenset[str], path: str) -> bool:
+def covers(declared: frozenset[str], path: str) -> bool:
     """The path, or a section above it, is declared."""
     parts = path.split(".")
     return any(".".join(parts[:i]) in declared for i in range(1, len(parts) + 1))
@@ -51,7 +51,7 @@ class ConfigView:
         if name.startswith("_"):
             raise AttributeError(name)
         path = self._prefix + name
-        if _covered(self._declared, path):
+        if covers(self._declared, path):
             return getattr(self._model, name)
         value = getattr(self._model, name, None)
         if isinstance(value, BaseModel) and any(d.startswith(path + ".") for d in self._declared):
