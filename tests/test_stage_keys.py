@@ -46,8 +46,9 @@ def test_each_config_field_changes_the_keys_of_its_readers_and_their_downstream_
 
 
 def test_adding_a_downloaded_benchmark_reruns_eval_not_dedup(tmp_path):
-    base = load_config(None, ["eval.benchmarks=[colour,shape,count]"])
-    more = load_config(None, ["eval.benchmarks=[colour,shape,count,cifar10]", f"eval.data_roots=[{tmp_path}]"])
+    here = f"work_dir={tmp_path / 'runs'}"
+    base = load_config(None, [here, "eval.benchmarks=[colour,shape,count]"])
+    more = load_config(None, [here, "eval.benchmarks=[colour,shape,count,cifar10]", f"eval.data_roots=[{tmp_path}]"])
     old, new = _keys(base), _keys(more)
     assert {n for n in STAGE_NAMES if old[n] != new[n]} == {"eval", "register"}
 
@@ -56,7 +57,8 @@ def test_eval_key_changes_when_benchmark_data_arrives(tmp_path):
     """A nightly re-evaluation must not reuse yesterday's eval once new benchmark data is there."""
     from data.eval.registry import get_task
 
-    cfg = load_config(None, ["eval.benchmarks=[colour,cifar10]", f"eval.data_roots=[{tmp_path}]"])
+    cfg = load_config(None, [f"work_dir={tmp_path / 'runs'}", "eval.benchmarks=[colour,cifar10]",
+                             f"eval.data_roots=[{tmp_path}]"])
     eval_spec = get_stage("eval")
     assert eval_spec.config_slice(cfg)["benchmark_data"] == {"cifar10": None}
     before = stage_key(cfg, "eval")

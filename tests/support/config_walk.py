@@ -32,7 +32,6 @@ SPECIAL: dict[str, tuple[list[str], list[str]]] = {
     "eval.benchmarks": ([], ["eval.benchmarks=[colour, shape]"]),  # one generated benchmark fewer
     "eval.data_roots": ([], ["eval.data_roots=[benchmark-data]"]),
     "mlflow.tracking_uri": ([], ["mlflow.tracking_uri=sqlite:///other.db"]),
-    "work_dir": ([], ["work_dir=elsewhere"]),
 }
 
 
@@ -99,13 +98,16 @@ def changed_configs(tmp_path: Path) -> Iterator[tuple[str, PipelineConfig, Pipel
             out.append(override)
         return out
 
+    # an empty work_dir of their own: stage keys also cover the outputs of earlier runs found there
+    here = [f"work_dir={tmp_path / 'runs'}"]
+    special["work_dir"] = ([], [f"work_dir={tmp_path / 'elsewhere'}"])
     for path in leaf_paths():
         if path in special:
             base_overrides, change = special[path]
-            before = load_config(None, local(base_overrides))
-            after = load_config(None, local(base_overrides + change))
+            before = load_config(None, here + local(base_overrides))
+            after = load_config(None, here + local(base_overrides + change))
         else:
-            before = PipelineConfig()
-            after = load_config(None, [_changed(path, _value(before, path))])
+            before = load_config(None, here)
+            after = load_config(None, here + [_changed(path, _value(before, path))])
         assert _value(before, path) != _value(after, path), path
         yield path, before, after
