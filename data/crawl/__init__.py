@@ -1,5 +1,6 @@
 """The crawl stage: candidates downloaded by img2dataset on Dask, every image through the guarded,
-polite `fetch.Fetcher`; output in img2dataset's layout plus `status.parquet` (`status.py`)."""
+polite `fetch.Fetcher`; output in img2dataset's layout, written reproducibly (`writer.py`: samples and
+rows in key order, no wall clock in the files), plus `status.parquet` (`status.py`)."""
 
 from data.crawl.crawler import (
     crawl,

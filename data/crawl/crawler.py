@@ -3,7 +3,8 @@
 img2dataset.download() only ships multiprocessing/pyspark/ray distributors, so this
 module assembles the same pieces download() builds (Reader -> Resizer -> Downloader
 with the webdataset writer) and runs one Dask task per img2dataset shard. The output
-directory has exactly img2dataset's layout (00000.tar, 00000.parquet, 00000_stats.json...).
+directory has exactly img2dataset's layout (00000.tar, 00000.parquet, 00000_stats.json...), written
+reproducibly (`data.crawl.writer`): the same candidates from the same web give the same bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from data.crawl.status import (  # noqa: E402
     aggregate_stats,
     write_status_table,
 )
+from data.crawl.writer import SCRATCH_DIR, OrderedWebDatasetWriter, write_stats
 from data.shards.format import CRAWL_SHARD_DIGITS, crawl_shard_stem, is_crawl_shard  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ log = logging.getLogger(__name__)
 # at call time by download_image_with_retry(). Inside each Dask task we point that name at
 # data.crawl.fetch.Fetcher, which adds what img2dataset lacks (address guard, robots.txt, per-host
 # limits, Retry-After, byte/pixel caps, a total deadline). Reader, Resizer, the writer and the
-# per-shard stats stay img2dataset's own. The error string we return is the Fetcher's reason
-# code, so img2dataset's status_dict counts reasons rather than free-form messages.
+# per-shard counts stay img2dataset's own. The error string we return is the Fetcher's reason
+# code, so img2dataset's status_dict counts reasons rather than free-form messages. Its stats file is
+# written by data.crawl.writer.write_stats instead (same lookup trick), without wall-clock fields.
 # --------------------------------------------------------------------------------------
 _FETCHERS: dict[FetchPolicy, Fetcher] = {}  # one per policy per worker process: shards share host state
 
@@ -83,6 +86,7 @@ def _download_shard_task(downloader: Any, shard: tuple[int, str], policy: FetchP
     if os.path.exists(os.path.join(downloader.output_folder, f"{crawl_shard_stem(shard_id)}_stats.json")):
         return True, shard_id
     i2d.download_image = make_download_image(_fetcher_for(policy))
+    i2d.write_stats = write_stats  # reproducible stats: no start/end times, status counts sorted
     ok, _ = downloader(shard)  # img2dataset's Downloader.__call__: catches, prints, returns (ok, row)
     return bool(ok), shard_id
 
@@ -134,7 +138,9 @@ def crawl(
     Shards with an existing `_stats.json` are skipped, so re-running resumes (the shard
     <-> rows mapping assumes the same candidates file and shard_size). With
     `scheduler_address` the workers must see out_dir on a shared filesystem. Writes
-    out_dir/status.parquet (one row per candidate: key, url, status, reason). Returns
+    out_dir/status.parquet (one row per candidate: key, url, status, reason, sorted by key). Every
+    file is reproducible: shard members and rows in key order, no wall clock in them
+    (`data.crawl.writer`); elapsed_s and images_per_s live in the returned counts only. Returns
     aggregated stats over all shards in out_dir: urls, successes, failed_to_download,
     failed_to_resize, success_rate, status_dict, reasons, shards (+ shards_downloaded,
     shards_skipped, elapsed_s, images_per_s).
@@ -151,10 +157,9 @@ def crawl(
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir / "_tmp"
+    tmp_dir = out_dir / SCRATCH_DIR
     tmp_dir.mkdir(exist_ok=True)
     done = _done_shards(out_dir)
     caption_col = "caption" if "caption" in columns else None
@@ -191,7 +196,8 @@ def crawl(
             blurrer=None,
         )
         downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter,
+            # img2dataset's webdataset writer, but samples in key order and no wall clock in the tar
+            sample_writer_class=OrderedWebDatasetWriter,
             resizer=resizer,
             thread_count=threads,
             save_caption=caption_col is not None,

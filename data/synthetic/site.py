@@ -94,7 +94,7 @@ class SiteSpec:
     exact_duplicate_rate: float = 0.04
     near_duplicate_rate: float = 0.04
     fault_rate: float = 0.05
-    slow_seconds: float = 3.0
+    slow_seconds: float = 8.0  # 4 x the crawl timeout: a "slow" image fails however loaded the machine is
     jpeg_quality: int = 90
     # New fields go last so positional construction keeps working.
     fault_kinds: tuple[str, ...] = DEMO_FAULT_KINDS  # faults are split evenly over these
