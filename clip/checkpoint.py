@@ -4,6 +4,11 @@ import of OpenAI's released CLIP checkpoints (ViT and ModifiedResNet).
 Both keep OpenAI's parameter names, so an OpenAI state_dict loads without renaming.
 Training state holds only tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+
+``save_model`` writes the same bytes for the same weights (no time, path or version in the
+safetensors metadata), so two equal trainings can be compared by file hash. Files the training
+engine rewrites (checkpoints, metrics.jsonl) go through ``write_atomically``: readers and a kill at
+any moment see the old file or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,6 +48,7 @@ def save_model(model: torch.nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # constant metadata only: equal weights must give equal bytes (see the module docstring)
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     return out_dir
@@ -65,23 +72,38 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:09d}.pt"
 
 
+def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it and rename it to ``path``.
+
+    The temp name ``.<name>.<pid>.<random>.tmp`` is unique per writer (two processes rewriting the
+    same file never share one) and is what witclip's output hashing skips as in flight. On any
+    error the temp file is removed and ``path`` keeps its old content. The pipeline's
+    ``data.common.files.atomic_path`` does the same; this copy keeps ``clip`` free of witclip imports.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_checkpoint(directory: str | Path, step: int, state: Mapping[str, Any], keep: int = 3) -> Path:
     """Write ``directory/step-<step>.pt`` atomically, then delete all but the newest ``keep``.
 
-    Atomic: the bytes go to a temp file that is fsynced and renamed into place, so a kill at any
-    moment leaves either the whole checkpoint or none (a stray ``*.tmp`` is ignored on resume).
-    ``state`` must hold only tensors, numbers, strings, None, lists/tuples and dicts, so that it
-    loads with ``weights_only=True``.
+    Atomic (``write_atomically``): a kill at any moment leaves either the whole checkpoint or none
+    (a stray ``*.tmp`` is ignored on resume). ``state`` must hold only tensors, numbers, strings,
+    None, lists/tuples and dicts, so that it loads with ``weights_only=True``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, step)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path = write_atomically(checkpoint_path(directory, step), lambda f: torch.save(dict(state), f))
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

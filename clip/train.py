@@ -27,6 +27,19 @@ and per rank its RNG states and the loader position, so a killed run resumes mid
 exact next batch. ``make_batches(epoch, start)`` receives ``start`` = None for a fresh epoch, the
 position a batch iterable reported through ``.position()`` (e.g. ``data.shards.loader.TrainLoader``), or
 else the number of micro-batches already consumed this epoch, which the callee must skip.
+
+Metrics. Rank 0 appends one JSON row per log (``{"step": N, "loss": ...}``) and per eval
+(``{"step": N, "zeroshot/...": ...}``) to ``out_dir/metrics.jsonl`` and hands the same dict to
+``on_metrics(step, metrics)``. A run starting at step S (0, or a checkpoint's step) first rewrites
+the file keeping only rows with step <= S (``trim_metrics``), since it is about to do the later
+steps again: after any number of kills and resumes each (step, metric) appears once, and a line
+torn by a kill mid-write is gone. ``on_metrics`` sees re-done steps again; a sink that cannot take
+values back (MLflow) must skip steps it already has.
+
+Reproducibility. Nothing here reads the clock except to report speed; the model is seeded by the
+caller, the trainer's RNG by ``cfg.seed`` and the rank. On CPU the same batches and the same number
+of intra-op threads give the same ``model.safetensors`` bytes (another thread count adds up in
+another order); CUDA kernels need not repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -48,7 +61,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import load_newest_checkpoint, save_checkpoint, save_model
+from .checkpoint import (
+    load_newest_checkpoint,
+    save_checkpoint,
+    save_model,
+    write_atomically,
+)
 from .loss import ClipLoss
 from .model import CLIP
 from .train_config import TrainConfig
@@ -326,6 +344,34 @@ def _gather_to_rank0(obj: Any, rank: int, world: int) -> list[Any] | None:
 
 
 # -----------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def trim_metrics(path: str | Path, last_step: int) -> int:
+    """Rewrite the metrics file at ``path`` atomically, keeping the rows with step <= ``last_step``
+    in their order; a line that is no complete JSON row (torn by a kill mid-write) is dropped.
+    Returns how many lines were dropped; a missing file is left missing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    lines = data.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # also a UnicodeDecodeError: bytes cut inside a character
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(line + b"\n")
+    # a complete last row without its newline is rewritten too: the next append would join it
+    if len(kept) != len(lines) or (data and not data.endswith(b"\n")):
+        write_atomically(path, lambda f: f.writelines(kept))
+    return len(lines) - len(kept)
+
+
+# -----------------------------------------------------------------------------
 # engine
 
 
@@ -483,6 +529,12 @@ class _Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         start = self.restore() if resume else None
+        if self.rank == 0:
+            # rows past the starting step are about to be logged again (see Metrics above)
+            dropped = trim_metrics(self.out_dir / "metrics.jsonl", p.step)
+            if dropped:
+                print(f"[train] metrics.jsonl: dropped {dropped} row(s) after step {p.step}, which this "
+                      "run does again", flush=True)
         self.stepper.wrap()
         # the bar only on a terminal; in logs the [train] lines carry the ETA instead of '\r' debris
         bar = tqdm(total=self.total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,

@@ -27,7 +27,9 @@ from flows.train_spec import SpecError, TrainSpec
 
 
 class MlflowMetricSink:
-    """Buffers per-step metrics and writes them to one MLflow run by id."""
+    """Buffers per-step metrics and writes them to one MLflow run by id, never a (key, step) pair
+    the run already has: a resumed training does the steps after its checkpoint again, and the
+    run's history must still hold one value per step."""
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20):
         from mlflow.tracking import MlflowClient
@@ -36,19 +38,38 @@ class MlflowMetricSink:
         self.run_id = run_id
         self.flush_every = flush_every
         self.buffer: list = []
+        self.logged: dict[str, set[int]] = {}  # key -> steps the run has (fetched on the key's first use)
         self.checkpoints: list[dict[str, Any]] = self._listed_checkpoints()  # a resumed run keeps its list
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.buffer += [Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()]
+        for name, value in metrics.items():
+            key = f"train/{name}"
+            steps = self._logged_steps(key)
+            if step in steps:
+                continue
+            steps.add(step)
+            self.buffer.append(Metric(key, float(value), now, step))
         if len(self.buffer) >= self.flush_every:
             self.flush()
+
+    def _logged_steps(self, key: str) -> set[int]:
+        # MLflow cannot delete a single value, so a re-done step is skipped rather than replaced: the
+        # run keeps the first value (on CPU the re-done loss is the same number; timings differ),
+        # while metrics.jsonl keeps the re-done one. The exact step set per key rather than its
+        # newest step: it assumes nothing about which values reached the store before a kill, for
+        # one history query per key per launch.
+        if key not in self.logged:
+            self.logged[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return self.logged[key]
 
     def checkpoint(self, path: Path, step: int) -> None:
         """Reference each checkpoint from the run: a tag names the newest, the artifact
         train/checkpoints.json lists all written so far (older ones may since be pruned)."""
+        # a step written again after a resume (past an unreadable newest file) replaces its entry
+        self.checkpoints = [c for c in self.checkpoints if c["step"] != step]
         self.checkpoints.append({"step": step, "path": str(path)})
         self.client.set_tag(self.run_id, "train.checkpoint", str(path))
         self.client.log_dict(self.run_id, self.checkpoints, "train/checkpoints.json")

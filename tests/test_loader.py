@@ -19,7 +19,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torchvision import transforms as T
 
 import data.shards.loader as loader_mod
@@ -67,6 +67,11 @@ def _noise_jpeg() -> bytes:
 def _ids(texts: list[str]) -> torch.Tensor:
     """tokenize stand-in: the sample number of each caption, [B, 1]."""
     return torch.tensor([[int(t.split()[1])] for t in texts], dtype=torch.long)
+
+
+def _worker_seeds(texts: list[str]) -> torch.Tensor:
+    """tokenize stand-in: the seed DataLoader gave the worker making the batch, [B, 1]."""
+    return torch.full((len(texts), 1), get_worker_info().seed, dtype=torch.long)
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -201,6 +206,21 @@ def test_exactly_once_over_ranks_and_workers(shard_dir, partition):
     other = [run(r, 1) for r in (0, 1)]
     assert other[0] != per_rank[0]  # another epoch: another order ...
     assert sorted(i for batches in other for b in batches for i in b) == train_ids  # ... same coverage
+
+
+def test_worker_seeds_derive_from_the_loader_seed_and_leave_the_callers_rng_alone(shard_dir):
+    def worker_seeds(seed: int, epoch: int, caller_seed: int) -> set[int]:
+        torch.manual_seed(caller_seed)  # the trainer's RNG, in the process iterating the loader
+        before = torch.get_rng_state()
+        loader = _build(shard_dir, tokenize=_worker_seeds, num_workers=2, seed=seed, epoch=epoch)
+        seeds = {int(s) for _, tokens in loader for s in tokens[:, 0]}
+        assert torch.equal(torch.get_rng_state(), before)
+        return seeds
+
+    first = worker_seeds(0, 0, caller_seed=1)
+    assert len(first) == 2  # one per worker
+    assert worker_seeds(0, 0, caller_seed=2) == first  # whatever the trainer's RNG holds
+    assert worker_seeds(1, 0, caller_seed=1) != first and worker_seeds(0, 1, caller_seed=1) != first
 
 
 def test_epoch_length_rule(shard_dir):

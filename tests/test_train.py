@@ -3,6 +3,7 @@ and kill-and-resume through the real entry point (torchrun, the webdataset loade
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from clip.train import (
     accumulate_gradients,
     param_groups,
     train,
+    trim_metrics,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +236,72 @@ def test_periodic_zeroshot_check_is_logged(tmp_path):
     assert {"loss", "lr", "temperature", "samples_per_s", "data_wait_s", "grad_norm", "skipped_steps"} <= set(rows[0])
 
 
+def test_trim_metrics_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)] + [{"step": 2, "zeroshot/acc1": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "loss": 0.2')  # killed mid-write
+    assert trim_metrics(path, 2) == 3  # steps 3 and 4, and the torn line
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[4]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left behind
+    before = path.stat().st_mtime_ns
+    assert trim_metrics(path, 9) == 0 and path.stat().st_mtime_ns == before  # nothing to drop: untouched
+    path.write_text('{"step": 1, "loss": 1.0}')  # complete, but the next append would join it
+    assert trim_metrics(path, 1) == 0 and path.read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert trim_metrics(tmp_path / "none.jsonl", 0) == 0 and not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_rerun_without_checkpoints_starts_metrics_jsonl_afresh(tmp_path):
+    cfg = TrainConfig(epochs=1, warmup_steps=1, log_every=1, checkpoint_every=0, progress=False)
+    train(small_model(), toy_batches(), 4, cfg, tmp_path, device="cpu")
+    for ckpt in clip.list_checkpoints(tmp_path / "checkpoints"):
+        ckpt.unlink()
+    train(small_model(), toy_batches(), 4, cfg, tmp_path, device="cpu")  # from step 0 again
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# the MLflow sink on a real (sqlite) store
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("train", artifact_location=(root / "artifacts").as_uri())
+    return {"uri": uri, "client": client, "experiment": experiment}
+
+
+def metric_steps(client, run_id: str) -> dict[str, list[int]]:
+    """Every metric of the run -> the steps of its history, in the store's order."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: [m.step for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+@pytest.mark.integration
+def test_mlflow_sink_skips_steps_the_run_already_has(mlflow_store):
+    from flows.train_entry import MlflowMetricSink
+
+    client = mlflow_store["client"]
+    run_id = client.create_run(mlflow_store["experiment"]).info.run_id
+    first = MlflowMetricSink(mlflow_store["uri"], run_id, flush_every=1)
+    for step in (1, 2, 3):
+        first(step, {"loss": float(step)})
+    first(2, {"zeroshot/acc1": 0.5})
+    # a resumed process: steps 2 and 3 come again (with other values), then new ones
+    again = MlflowMetricSink(mlflow_store["uri"], run_id, flush_every=1)
+    for step in (2, 3, 4):
+        again(step, {"loss": 10.0 * step})
+    again(2, {"zeroshot/acc1": 0.9})
+    again(4, {"zeroshot/acc1": 0.7})
+    again.flush()
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert metric_steps(client, run_id) == {"train/loss": [1, 2, 3, 4], "train/zeroshot/acc1": [2, 4]}
+    assert history == {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0}  # the first value of a step stays
+
+
 # -----------------------------------------------------------------------------
 # through torchrun and the real loader
 
@@ -272,12 +340,12 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def write_spec(shards: Path, out: Path, **train_overrides) -> Path:
+def write_spec(shards: Path, out: Path, mlflow: dict[str, str] | None = None, **train_overrides) -> Path:
     from flows.config import TrainConfig as TrainSection
 
     t = TrainSection(device="cpu", vocab_size=300, context_length=16, lr=1e-3, warmup_steps=2, log_every=1,
                      system_metrics_interval=0, progress=False, eval_every=0, **train_overrides)
-    spec = t.train_spec(shard_dir=shards, out_dir=out, tokenizer=shards.parent / "tokenizer.json")
+    spec = t.train_spec(shard_dir=shards, out_dir=out, tokenizer=shards.parent / "tokenizer.json", mlflow=mlflow)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "spec.json"
     path.write_text(spec.to_json())
@@ -299,6 +367,22 @@ def run_ok(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def kill_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL torchrun and its ranks, as a lost node would; returns the ranks. torchrun starts each
+    rank in its own session, so killing torchrun's group alone would leave them running."""
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for victim in ranks:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(ranks, timeout=30)  # not torchrun itself: Popen.wait must reap it
+    proc.wait(timeout=60)
+    return ranks
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def step_losses(out: Path) -> dict[int, float]:
@@ -360,12 +444,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(shards, tmp_p
     for line in proc.stdout:
         seen.append(line)
         if line.startswith(f"[train] step {kill_at}/"):
-            # torchrun starts each rank in its own session: kill the whole tree, as a lost node would
-            ranks = psutil.Process(proc.pid).children(recursive=True)
-            proc.kill()
-            for victim in ranks:
-                victim.send_signal(signal.SIGKILL)
-            psutil.wait_procs(ranks, timeout=30)  # not torchrun itself: Popen.wait must reap it
+            ranks = kill_tree(proc)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
@@ -385,6 +464,62 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(shards, tmp_p
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, differing[:5]
     assert json.loads((killed / "summary.json").read_text())["steps"] == 36
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sigkill_then_resume_leaves_one_value_per_step_in_metrics_jsonl_and_mlflow(shards, mlflow_store, tmp_path):
+    client = mlflow_store["client"]
+    run_id = client.create_run(mlflow_store["experiment"]).info.run_id
+    out = tmp_path / "out"
+    # 192 samples / 16 = 12 steps; checkpoints at 4 and 8; the sink flushes every 2 steps (10 metrics each)
+    spec = write_spec(shards, out, mlflow={"tracking_uri": mlflow_store["uri"], "run_id": run_id}, batch_size=16,
+                      epochs=1, checkpoint_every=4)
+    proc = subprocess.Popen(torchrun(spec, 1), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        # step 7 is printed after step 6's metrics reached both metrics.jsonl and MLflow, one step
+        # before the next checkpoint: 5 and 6 will be done again
+        if line.startswith("[train] step 7/"):
+            kill_tree(proc)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    assert [p.name for p in clip.list_checkpoints(out / "checkpoints")] == ["step-000000004.pt"]
+    assert {5, 6} <= {r["step"] for r in metric_rows(out)}
+    assert {5, 6} <= set(metric_steps(client, run_id)["train/loss"])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 3.')  # as if killed in the middle of writing a row
+
+    resumed = run_ok(torchrun(spec, 1))
+    assert "[train] resumed from" in resumed.stdout and "dropped" in resumed.stdout
+    assert (out / "model.safetensors").exists()
+    rows = metric_rows(out)
+    pairs = [(r["step"], k) for r in rows for k in r if k != "step"]
+    assert len(pairs) == len(set(pairs)) and sorted(r["step"] for r in rows) == list(range(1, 13))
+    history = metric_steps(client, run_id)
+    assert history and all(len(steps) == len(set(steps)) for steps in history.values()), history
+    assert sorted(history["train/loss"]) == list(range(1, 13))
+    # MLflow kept the first value of steps 5 and 6, the file the re-done one: on CPU they are equal
+    mlflow_loss = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert mlflow_loss == {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_one_cpu_rank_trains_byte_identical_models_from_the_same_shards_spec_and_seed(shards, tmp_path):
+    """Twice into two fresh directories, with the config's defaults for the sample shuffle buffer, the
+    random crops, num_workers and deterministic (train_entry gives both runs the same thread count)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        run_ok(torchrun(write_spec(shards, out, batch_size=32, epochs=1), 1))
+    digests = [hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() for out in outs]
+    print(f"model.safetensors sha256: {digests}")
+    assert digests[0] == digests[1]
+    assert (outs[0] / "config.json").read_bytes() == (outs[1] / "config.json").read_bytes()
+    assert step_losses(outs[0]) == step_losses(outs[1])
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ and the final name keeps its old content (or stays absent). `is_temp_name` recog
 output hashing skips a write still in flight.
 
 `clip/` is the one exception: a standalone model library that imports nothing of witclip's pipeline,
-it keeps its own fsync-and-rename for checkpoints (`clip.checkpoint.save_checkpoint`).
+it keeps its own fsync-and-rename with the same temp names (`clip.checkpoint.write_atomically`).
 """
 
 from __future__ import annotations

@@ -61,6 +61,11 @@ assumes ``k_L * batch_size`` consumed samples per reader: exact unless an image 
 raw check failed to decode within the first k batches (the position knows; an int cannot).
 DataLoader workers are rotated on resume (worker d plays reader (d + k) % nw) so that the first
 batch DataLoader fetches, from worker 0, is batch k.
+
+Determinism. Shard order, sample shuffle and augmentation are seeded from (seed, epoch, rank,
+reader[, pass, batch]), and DataLoader workers' own seeds from (seed, epoch, rank); nothing reads
+the clock or the caller's RNG. The same arguments (num_workers included) give the same batches,
+tensor for tensor.
 """
 
 from __future__ import annotations
@@ -489,15 +494,20 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._reset()
-        dataset = _EpochStream(self._plan)
+        pl = self._plan
+        dataset = _EpochStream(pl)
         if self.num_workers == 0:
             stream: Iterable = iter(dataset.pipeline(0))
         else:
             # batch_size=None: batches are made by the readers; each worker's batches come back
             # round-robin in worker order, which is what reader = j % nw relies on.
+            # DataLoader seeds its workers' torch and `random` RNGs from a draw on `generator`; left
+            # unset that draw comes from the caller's global RNG (the trainer's): the workers' seeds
+            # would then depend on it, and every epoch would advance it.
+            workers = torch.Generator().manual_seed(_seed_int("workers", pl.seed, pl.epoch, pl.rank))
             stream = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                 pin_memory=self._pin_memory, prefetch_factor=self._prefetch_factor,
-                                persistent_workers=False)
+                                persistent_workers=False, generator=workers)
         for images, tokens, meta in stream:
             if meta["batch"] != self._next:  # guards the resume arithmetic, never expected
                 raise RuntimeError(f"expected batch {self._next}, reader {meta['reader']} sent {meta['batch']}")
