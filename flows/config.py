@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,6 +36,12 @@ from data.crawl.fetch import FetchPolicy
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
 from data.eval.synthetic import SYNTHETIC_BENCHMARKS
 from data.synthetic.site import SiteSpec
+from flows.config_file import (
+    DEFAULT_RUN_NAME,
+    DEFAULT_WORK_DIR,
+    RUN_NAME_PATTERN,
+    read_config_data,
+)
 from flows.errors import UserError
 from flows.tracking import DEFAULT_TRACKING_URI
 from flows.train_spec import LoaderSpec, TrainSpec
@@ -197,6 +202,9 @@ class CrawlConfig(Section):
     timeout: float = Field(FetchPolicy.timeout, gt=0)  # per blocking socket operation
     deadline: float | None = Field(FetchPolicy.deadline, gt=0)  # whole request incl. a trickling body; None: 4 x timeout
     retries: int = Field(0, ge=0)
+    # below this share of URLs downloaded the crawl is rejected, not cached (an outage, a blocked crawler);
+    # old URL lists lose links to rot: LAION-era lists still download at about half
+    min_success_rate: float = Field(0.25, ge=0, le=1)
     max_image_bytes: int = Field(FetchPolicy.max_bytes, ge=1024)
     max_image_pixels: int = Field(FetchPolicy.max_pixels, ge=1)  # read from the header: decompression bombs
     # Politeness, for the whole cluster (divided among worker processes).
@@ -351,8 +359,8 @@ class MlflowConfig(Section):
 
 
 class PipelineConfig(Section):
-    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    work_dir: Path = Path("runs")
+    run_name: str = Field(DEFAULT_RUN_NAME, pattern=RUN_NAME_PATTERN)
+    work_dir: Path = Path(DEFAULT_WORK_DIR)
     web: WebConfig = Field(default_factory=WebConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -388,46 +396,9 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"config value {key}={got!r} is invalid: {first['msg'].removeprefix('Value error, ')}"
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    # YAML parsing gives ints, floats, bools, lists ([a, b]) and null the obvious way.
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read YAML (or the embedded default when path is None), apply --set overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist (expected a YAML file)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    for item in overrides or []:
-        keys, value = _parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise UserError(f"--set {item!r}: '{k}' is not a section")
-            node = nxt
-        node[keys[-1]] = value
+    data = read_config_data(path, overrides)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:

@@ -1,6 +1,16 @@
 """MLflow's model registry: the witclip pyfunc zero-shot classifier, logging and registering a model
 directory, and the alias gate (@candidate always, @champion when it beats the holder; promote, rollback).
 
+Alias moves are serialised per (tracking store, model name) by `registry_lock`: whoever moves @champion
+holds it from reading the current holder to writing the history tag, so two pipeline runs finishing at
+once cannot both read the same holder and both move the alias (which would leave @champion on the worse
+model, or the history short of a move). Registering the version itself (log_model: pickling, artifacts)
+happens outside the lock. The lock is a file lock (`flows.locks`): beside the database for a sqlite
+store, inside the directory for a file store; for a remote store (http(s), databricks, a database
+server) it lives under the user's cache directory, so there it serialises only the processes of one
+machine -- runs on other machines registering into the same server are not held back (a Prefect global
+concurrency limit would be the way to serialise those; not done here).
+
 The pyfunc class is pickled by reference into every logged model, so `flows.registry.WitclipZeroShotModel`
 must stay importable under this name for already registered versions to load. Runs, metrics and the
 tracking URI are `flows.tracking`'s. MLflow's active run is thread-local and Prefect may run code in
@@ -11,17 +21,24 @@ other threads, so everything here takes the run id explicitly and talks to the s
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from data.common.files import atomic_write_json
+from flows.locks import LockHeld, describe_holder, hold
 from flows.retries import mlflow_call
 
 # A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
@@ -113,6 +130,67 @@ def promotion_decision(new: dict[str, float], holder: dict[str, float] | None, m
                       f"{'>=' if promoted else '<'} holder {holder_mean:.6f} + margin {margin}"}
 
 
+# Moving aliases takes seconds (more while flows.retries retries a dropped connection), so a generous wait
+# only ever queues a register behind other moves; it gives up (LockHeld) on a holder that is stuck.
+REGISTRY_LOCK_WAIT_S = 300.0
+
+
+def _is_file_store(tracking_uri: str) -> bool:
+    """MLflow's own test (a bare path or file: URI, but not the bare word ``databricks``)."""
+    from mlflow.utils.uri import is_local_uri
+
+    try:
+        return is_local_uri(tracking_uri)
+    except mlflow.exceptions.MlflowException:  # file://otherhost/...: not a store MLflow opens
+        return False
+
+
+def registry_lock_path(tracking_uri: str, model_name: str) -> Path:
+    """The lock file that serialises alias moves of ``model_name`` on ``tracking_uri``:
+
+    - ``sqlite:///path/mlflow.db`` -> ``path/mlflow.db.registry-<model>.lock`` (a relative path is taken
+      from the working directory, as SQLAlchemy does);
+    - a file store (a path, or a ``file:`` URI) -> ``registry-<model>.lock`` inside that directory;
+    - anything else (http(s), databricks, postgresql, in-memory sqlite) ->
+      ``$XDG_CACHE_HOME/witclip/locks/registry-<model>-<hash of URI and model>.lock`` (default
+      ``~/.cache``): it serialises only the processes of this machine.
+
+    ``<model>`` is the name with anything but letters, digits, ``.``, ``_`` and ``-`` made ``_``; two
+    names that read the same then share one lock, which only makes them wait for each other."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:100]
+    sqlite = "sqlite:///"
+    if tracking_uri.startswith(sqlite):
+        db = tracking_uri[len(sqlite):].split("?", 1)[0]
+        if db and db != ":memory:":
+            db_path = Path(db).resolve()
+            return db_path.with_name(f"{db_path.name}.registry-{slug}.lock")
+    if _is_file_store(tracking_uri):
+        parsed = urlparse(tracking_uri)
+        store_dir = Path(unquote(parsed.path) if parsed.scheme == "file" else tracking_uri)
+        return store_dir.resolve() / f"registry-{slug}.lock"
+    # the same server spelt with or without a trailing slash is one store
+    digest = hashlib.sha256(f"{tracking_uri.rstrip('/')}\n{model_name}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "witclip" / "locks" / f"registry-{slug}-{digest}.lock"
+
+
+@contextmanager
+def registry_lock(tracking_uri: str, model_name: str, *, wait_s: float = REGISTRY_LOCK_WAIT_S) -> Iterator[Path]:
+    """Hold the alias lock of ``model_name`` on ``tracking_uri`` (`registry_lock_path`) for the block;
+    re-entrant within a process. Waits up to ``wait_s`` for another holder, saying so once, then raises
+    `flows.locks.LockHeld` naming it. Yields the lock file's path."""
+    path = registry_lock_path(tracking_uri, model_name)
+    purpose = f"the alias lock of model {model_name!r} on {tracking_uri}"
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold(path, purpose=purpose))
+        except LockHeld as busy:  # a silent wait would look like a hang
+            print(f"[registry] waiting up to {wait_s:.0f}s for {describe_holder(busy.holder)} "
+                  f"to finish moving aliases of {model_name} (lock {path})")
+            stack.enter_context(hold(path, purpose=purpose, wait_s=wait_s))
+        yield path
+
+
 def _alias_holder(client: MlflowClient, model_name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(model_name, alias)
@@ -126,7 +204,8 @@ def _history(client: MlflowClient, model_name: str, alias: str) -> list[str]:
 
 
 def move_alias(client: MlflowClient, model_name: str, alias: str, version: str) -> None:
-    """Point ``alias`` at ``version`` and remember the move, so ``rollback_alias`` can undo it."""
+    """Point ``alias`` at ``version`` and remember the move, so ``rollback_alias`` can undo it. The caller
+    holds `registry_lock`: the history is read, appended to and written back."""
     history = _history(client, model_name, alias)
     client.set_registered_model_alias(model_name, alias, str(version))
     if not history or history[-1] != str(version):
@@ -135,7 +214,8 @@ def move_alias(client: MlflowClient, model_name: str, alias: str, version: str) 
 
 
 def rollback_alias(client: MlflowClient, model_name: str, alias: str) -> tuple[str, str]:
-    """Point ``alias`` back at the version that held it before the current one; returns (from, to)."""
+    """Point ``alias`` back at the version that held it before the current one; returns (from, to). The
+    caller holds `registry_lock`: the history is read, cut and written back."""
     history = _history(client, model_name, alias)
     if len(history) < 2:
         raise ValueError(f"@{alias} of {model_name} has no earlier holder to roll back to")
@@ -186,7 +266,7 @@ def log_clip_model(*, model_dir: Path, run_id: str, tracking_uri: str, model_nam
         bundle = Path(tmp) / "clip_model"
         bundle.mkdir()
         for f in files:
-            shutil.copy2(f, bundle / f.name)
+            shutil.copyfile(f, bundle / f.name)  # not copy2: stage outputs are read-only, the bundle need not be
         (bundle / "templates.json").write_text(json.dumps(list(DEFAULT_TEMPLATES)))
         example = pd.DataFrame({"image": [_example_image_base64()], "labels": ["a red circle,a blue square"]})
         with mlflow.start_run(run_id=run_id):
@@ -221,7 +301,9 @@ def register_model(
 ) -> dict[str, Any]:
     """Log the trained model as a pyfunc and register a version: tagged with its eval scores and lineage,
     given ``candidate_alias``, and given ``alias`` (champion) only if it passes the eval gate
-    (`promotion_decision`). The decision and its figures go to out_dir/model_version.json and to the run."""
+    (`promotion_decision`). The decision and both alias moves happen under `registry_lock` (waiting up to
+    REGISTRY_LOCK_WAIT_S, then LockHeld). The decision and its figures go to out_dir/model_version.json
+    and to the run."""
     _, missing = model_dir_files(train_dir)
     if missing:
         raise FileNotFoundError(f"{train_dir} lacks {', '.join(missing)}: run the train stage first")
@@ -235,12 +317,15 @@ def register_model(
         tags[f"metric.{name}"] = r["metric"]
     # from here on every call is idempotent, so a transient failure is retried (flows.retries)
     mlflow_call(_tag_version, client, model_name, version, tags)
-    holder = mlflow_call(_alias_holder, client, model_name, alias)
-    decision = promotion_decision({n: float(r["value"]) for n, r in ran.items()},
-                                  version_scores(holder) if holder is not None else None, margin)
-    mlflow_call(client.set_registered_model_alias, model_name, candidate_alias, version)
-    if decision["promoted"]:
-        mlflow_call(move_alias, client, model_name, alias, version)
+    # the holder is read under the lock: read outside it, another run could move @champion between our
+    # read and our move, and the gate would have compared against a model that no longer holds it
+    with registry_lock(tracking_uri, model_name):
+        holder = mlflow_call(_alias_holder, client, model_name, alias)
+        decision = promotion_decision({n: float(r["value"]) for n, r in ran.items()},
+                                      version_scores(holder) if holder is not None else None, margin)
+        mlflow_call(client.set_registered_model_alias, model_name, candidate_alias, version)
+        if decision["promoted"]:
+            mlflow_call(move_alias, client, model_name, alias, version)
     decision.update({
         "model_name": model_name,
         "version": version,

@@ -8,6 +8,7 @@ the run id explicitly and talks to the store through `MlflowClient`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -50,13 +51,40 @@ def check_tracking_uri(uri: str) -> None:
             raise UserError(f"mlflow.tracking_uri {uri}: directory {parent} does not exist")
 
 
+def _setup_lock(uri: str) -> Any:
+    """Held while a run first touches a sqlite store: MLflow creates and migrates the schema of a new
+    database on first use, and two runs starting at once on a fresh store would both try (and one fail on
+    "table already exists"); the same for creating the experiment."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from flows.locks import hold
+
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return hold(db.with_name(f"{db.name}.setup.lock"), purpose=f"setting up the MLflow store {uri}", wait_s=300)
+
+
+def _experiment_id(client: Any, experiment: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException:  # another process created it since: use theirs
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_hash: str, params: dict) -> str:
     """One MLflow run per (pipeline run name, config): re-invocations with the same config reuse it."""
     from mlflow.entities import Param
 
     client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    with _setup_lock(tracking_uri):
+        exp_id = _experiment_id(client, experiment)
     found = client.search_runs(
         [exp_id],
         filter_string=f"tags.`witclip.run_name` = '{run_name}' and tags.`witclip.config_hash` = '{config_hash}'",
