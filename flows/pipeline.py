@@ -1,16 +1,25 @@
 """The parent flow: runs the stage specs (`flows.stages.STAGES`) in order, skipping those whose outputs are
 complete for the same inputs.
 
-A stage is complete when `<run_dir>/<stage>/manifest.json` exists (written last, atomically) and its
-key matches the key the stage would have now. The key covers exactly what the stage declares it reads of
-the config (less where and how it runs), its inputs outside the config, the code version, and for each
-upstream stage that stage's key and its outputs' hash -- so a change anywhere upstream reaches every
-stage below. Anything else runs: that is what makes "resume a failed run" and "re-run one stage" cheap
-and correct.
+A stage is complete when `<run_dir>/<stage>/manifest.json` exists (written last, atomically), its key
+matches the key the stage would have now, and every output it lists is still as written (size and mtime;
+sha256 too with `verify`). The key covers exactly what the stage declares it reads of the config (less
+where and how it runs), its inputs outside the config, its code (`flows.code_version`: the sources of
+the modules it uses and its engines' versions), and for each upstream stage that stage's key and its
+outputs' hash -- so a change anywhere upstream reaches every stage below, and an edit to one stage's code
+re-runs it and what follows, nothing above. Anything else runs: that is what makes "resume a failed run"
+and "re-run one stage" cheap and correct.
 
 Keys say nothing about the run name, so a stage that another run under the same work_dir completed with
 the same key is adopted (hard links, no copy of the bytes) instead of run again: a nightly scheduled run
-with a fresh run name re-evaluates without re-training when only the eval settings changed.
+with a fresh run name re-evaluates without re-training when only the eval settings changed. Complete
+outputs are made read-only, and the CLI refuses to write reports into a stage directory, so a file shared
+by two runs cannot change under either; a changed file fails the check above and its stage runs again.
+
+One process writes a run directory (`flows.locks.run_lock`, held for the whole run). Different runs may
+share a work_dir at the same time: shared caches are written under unique temp names and renamed.
+A stage whose output its spec rejects (`accept`: a crawl during an outage) fails, is marked rejected,
+and runs afresh next time -- neither resumed nor adopted.
 """
 
 from __future__ import annotations
@@ -28,19 +37,23 @@ from prefect import flow
 
 from data.common.files import atomic_write_json
 from data.common.manifest import (
+    ATTEMPT_NAME,
     hash_outputs,
+    output_stats,
     read_manifest,
     stable_hash,
+    verify_outputs,
     write_manifest,
 )
 from flows import tracking
+from flows.code_version import code_version, source_fingerprint
 from flows.config import PipelineConfig
-from flows.errors import UserError
+from flows.errors import RejectedOutput, UserError
+from flows.locks import run_lock
 from flows.retries import mlflow_call
 from flows.stages import STAGE_NAMES, STAGES, StageContext, StageSpec, get_stage
 
-CODE_VERSION = "0.1.0"
-ATTEMPT_FILE = ".attempt.json"  # key of an unfinished attempt: same key → resume its partial output
+ATTEMPT_FILE = ATTEMPT_NAME  # key of an unfinished attempt: same key and still "running" → resume it
 
 
 @dataclass
@@ -90,49 +103,79 @@ def outputs_hash(stage_dir: Path) -> str | None:
 
 
 def stage_key(cfg: PipelineConfig, stage: str) -> str:
-    """sha256 of what the stage reads of the config, its extra inputs, the code version and, per upstream
-    stage, that stage's key and the hash of its complete outputs (None while it has none)."""
+    """sha256 of what the stage reads of the config, its extra inputs, its code and, per upstream stage,
+    that stage's key and the hash of its complete outputs (None while it has none)."""
     spec = get_stage(stage)
     upstream = {up: {"key": stage_key(cfg, up), "outputs": outputs_hash(cfg.stage_dir(up))} for up in spec.upstream}
-    return stable_hash({"stage": stage, "config": spec.config_slice(cfg), "upstream": upstream, "code": CODE_VERSION})
+    return stable_hash({"stage": stage, "config": spec.config_slice(cfg), "upstream": upstream,
+                        "code": spec.code_fingerprint()})
 
 
-def is_complete(cfg: PipelineConfig, stage: str) -> bool:
-    m = read_manifest(cfg.stage_dir(stage))
-    return bool(m and m.get("status") == "complete" and m.get("key") == stage_key(cfg, stage))
+def check_complete(stage_dir: Path, key: str | None, deep: bool = False) -> tuple[dict | None, str | None]:
+    """(manifest, None): stage_dir holds a complete output (for `key`; any key if None) whose files are as
+    written. (None, None): it holds none. (None, why): it did, but a file changed since; `why` names it."""
+    m = read_manifest(stage_dir)
+    if not m or m.get("status") != "complete" or (key is not None and m.get("key") != key):
+        return None, None
+    problem = verify_outputs(stage_dir, m, deep=deep)
+    return (None, problem) if problem else (m, None)
 
 
-def find_reusable(cfg: PipelineConfig, stage: str) -> Path | None:
-    """A complete output of `stage` with the key it would have here, left by another run in work_dir."""
+def is_complete(cfg: PipelineConfig, stage: str, deep: bool = False) -> bool:
+    return check_complete(cfg.stage_dir(stage), stage_key(cfg, stage), deep)[0] is not None
+
+
+def find_reusable(cfg: PipelineConfig, stage: str, deep: bool = False) -> Path | None:
+    """A complete output of `stage` with the key it would have here and its files as written, left by
+    another run in work_dir."""
     key = stage_key(cfg, stage)
     own = cfg.stage_dir(stage).resolve()
     for manifest_path in sorted(cfg.work_dir.glob(f"*/{stage}/manifest.json")):
         other = manifest_path.parent
         if other.resolve() == own:
             continue
-        m = read_manifest(other)
-        if m and m.get("status") == "complete" and m.get("key") == key:
+        m, problem = check_complete(other, key, deep)
+        if m is not None:
             return other
+        if problem:
+            print(f"[{stage}] not reusing {other}: {problem}")
     return None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    try:  # complete stage outputs are never modified in place, so sharing the inode is safe
+    try:  # complete outputs are read-only and never modified in place, so sharing the inode is safe
         os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
+    except OSError:  # another filesystem, or links not allowed: a copy with the same size and mtime
         shutil.copy2(src, dst)
 
 
-def adopt_stage(cfg: PipelineConfig, stage: str, source: Path) -> dict:
-    """Make `source` this run's output of `stage`: hard-linked into a scratch dir, renamed into place."""
+def make_read_only(stage_dir: Path, rel_paths: list[str]) -> None:
+    """Complete outputs lose their write bits (hard links share them: every run's copy is protected).
+    Directories stay writable, so a stage that runs again can still replace its own."""
+    for rel in rel_paths:
+        path = stage_dir / rel
+        path.chmod(path.stat().st_mode & ~0o222)
+
+
+def adopt_stage(cfg: PipelineConfig, stage: str, source: Path) -> dict | None:
+    """Make `source` this run's output of `stage`: hard-linked into a scratch dir, checked against its
+    manifest, renamed into place. None (and nothing changed here) when the source changed under us --
+    its run may be re-making it right now."""
     target = cfg.stage_dir(stage)
     scratch = target.with_name(f".{stage}.adopting")
     shutil.rmtree(scratch, ignore_errors=True)
-    shutil.copytree(source, scratch, copy_function=_link_or_copy)
-    (scratch / ATTEMPT_FILE).unlink(missing_ok=True)
+    try:
+        shutil.copytree(source, scratch, copy_function=_link_or_copy, ignore=lambda d, names: [ATTEMPT_FILE])
+        manifest = dict(read_manifest(scratch) or {})
+        problem = verify_outputs(scratch, manifest) if manifest.get("status") == "complete" else "not complete"
+    except OSError as err:
+        problem = str(err)
+    if problem:
+        shutil.rmtree(scratch, ignore_errors=True)
+        print(f"[{stage}] could not reuse {source} ({problem}): running it")
+        return None
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
-    manifest = dict(read_manifest(target) or {})
     manifest["reused_from"] = str(source.resolve())
     write_manifest(target, manifest)  # a new file replaces the shared link; the source stays as it was
     return manifest
@@ -151,7 +194,7 @@ def select_stages(stages: str | None, from_stage: str | None) -> list[str] | Non
     return None
 
 
-def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
+def preflight(cfg: PipelineConfig, selected: list[str] | None, verify: bool = False) -> None:
     """User mistakes end here, in one line, before any stage starts."""
     if selected is not None:
         unknown = [s for s in selected if s not in STAGE_NAMES]
@@ -159,11 +202,13 @@ def preflight(cfg: PipelineConfig, selected: list[str] | None) -> None:
             raise UserError(f"unknown stage '{unknown[0]}'; expected some of: {', '.join(STAGE_NAMES)}")
         for stage in selected:
             for up in get_stage(stage).upstream:
-                if up not in selected and outputs_hash(cfg.stage_dir(up)) is None:
-                    raise UserError(
-                        f"stage '{stage}' needs the output of '{up}', which is not complete in "
-                        f"{cfg.stage_dir(up)}; add '{up}' to --stages or run the whole pipeline"
-                    )
+                if up in selected:
+                    continue
+                m, problem = check_complete(cfg.stage_dir(up), None, deep=verify)
+                if m is None:
+                    state = problem or f"it is not complete in {cfg.stage_dir(up)}"
+                    raise UserError(f"stage '{stage}' needs the output of '{up}', but {state}; add '{up}' to "
+                                    "--stages or run the whole pipeline")
     for spec in STAGES:
         if spec.preflight is not None and (selected is None or spec.name in selected):
             spec.preflight(spec.view(cfg), is_complete(cfg, spec.name))
@@ -189,10 +234,12 @@ def stage_flow(spec: StageSpec) -> Any:
 
 
 def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
-    """Keep a crashed attempt's partial output only when it was made for the same key (resume)."""
+    """Keep a crashed attempt's partial output only when it was made for the same key and not rejected
+    (resume); anything else starts from an empty directory."""
     attempt_path = stage_dir / ATTEMPT_FILE
     attempt = read_manifest(stage_dir, name=ATTEMPT_FILE)
-    if stage_dir.exists() and (force or not attempt or attempt.get("key") != key):
+    resumable = bool(attempt and attempt.get("key") == key and attempt.get("status") == "running")
+    if stage_dir.exists() and (force or not resumable):
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "manifest.json").unlink(missing_ok=True)
@@ -200,20 +247,24 @@ def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
 
 
 def execute_stage(
-    cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str, force: bool
+    cfg: PipelineConfig, stage: str, web: EmbeddedWeb, run_id: str, tracking_uri: str, force: bool,
+    verify: bool = False,
 ) -> StageOutcome:
     spec = get_stage(stage)
     stage_dir = cfg.stage_dir(stage)
     key = stage_key(cfg, stage)
-    existing = read_manifest(stage_dir)
-    if not force and existing and existing.get("status") == "complete" and existing.get("key") == key:
-        print(f"[{stage}] complete, skipped")
-        return StageOutcome(stage, "skipped", 0.0, existing.get("counts", {}))
-    if not force and (source := find_reusable(cfg, stage)) is not None:
-        manifest = adopt_stage(cfg, stage, source)
-        print(f"[{stage}] reused from {source} (same inputs, config and code)")
-        _stage_run(tracking_uri, run_id, stage, "reused", manifest, stage_dir / "manifest.json")
-        return StageOutcome(stage, "reused", 0.0, manifest.get("counts", {}))
+    if not force:
+        existing, problem = check_complete(stage_dir, key, deep=verify)
+        if existing is not None:
+            print(f"[{stage}] complete, skipped")
+            return StageOutcome(stage, "skipped", 0.0, existing.get("counts", {}))
+        if problem:
+            print(f"[{stage}] {problem}: running it again")
+        source = find_reusable(cfg, stage, deep=verify)
+        if source is not None and (manifest := adopt_stage(cfg, stage, source)) is not None:
+            print(f"[{stage}] reused from {source} (same inputs, config and code)")
+            _stage_run(tracking_uri, run_id, stage, "reused", manifest, stage_dir / "manifest.json")
+            return StageOutcome(stage, "reused", 0.0, manifest.get("counts", {}))
     _prepare_dir(stage_dir, key, force)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -221,6 +272,12 @@ def execute_stage(
     seed_url = web.seed_url() if starts_from_web else None
     try:
         counts = stage_flow(spec)(cfg, run_id, tracking_uri, seed_url)
+        rejected = spec.accept(spec.view(cfg), counts) if spec.accept is not None else None
+        if rejected:
+            # kept on disk to look at, never resumed: the next attempt starts afresh (_prepare_dir)
+            atomic_write_json(stage_dir / ATTEMPT_FILE, {"key": key, "status": "rejected", "reason": rejected})
+            raise RejectedOutput(f"stage '{stage}' rejected its output: {rejected}; nothing was cached, "
+                                 "the next run makes it again")
     except Exception:
         try:  # recording the failure must not hide it
             _stage_run(tracking_uri, run_id, stage, "failed", {"key": key, "config": spec.config_slice(cfg)})
@@ -233,10 +290,13 @@ def execute_stage(
         "stage": stage,
         "status": "complete",
         "key": key,
-        "code_version": CODE_VERSION,
+        "code": spec.code_fingerprint(),
+        "code_version": code_version(),
+        "source_fingerprint": source_fingerprint(),
         "config": spec.config_slice(cfg),
         "inputs": {up: outputs_hash(cfg.stage_dir(up)) for up in spec.upstream},
         "outputs": outputs,
+        "stats": output_stats(stage_dir, outputs),
         "outputs_hash": stable_hash(outputs),
         "counts": counts,
         "seconds": round(seconds, 2),
@@ -244,6 +304,7 @@ def execute_stage(
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "mlflow_run_id": run_id,
     }
+    make_read_only(stage_dir, list(outputs))  # before the manifest: a complete output is a protected one
     path = write_manifest(stage_dir, manifest)
     (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
     mlflow_call(tracking.log_stage, tracking_uri, run_id, stage, path, counts)
@@ -283,9 +344,9 @@ def _stage_artifacts(stage: str, counts: dict, seconds: float, run_id: str, trac
         create_markdown_artifact(key=f"{key}-mlflow", markdown=f"MLflow run `{run_id}` in `{tracking_uri}`")
 
 
-def _will_run(cfg: PipelineConfig, stage: str, force: bool) -> bool:
+def _will_run(cfg: PipelineConfig, stage: str, force: bool, verify: bool) -> bool:
     """Not complete here, and not adoptable from another run."""
-    return not is_complete(cfg, stage) and (force or find_reusable(cfg, stage) is None)
+    return not is_complete(cfg, stage, verify) and (force or find_reusable(cfg, stage, verify) is None)
 
 
 def _web_start_stage() -> StageSpec:
@@ -295,7 +356,8 @@ def _web_start_stage() -> StageSpec:
 
 
 @flow(name="witclip-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
-def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str) -> list[dict]:
+def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, run_id: str,
+                  verify: bool = False) -> list[dict]:
     tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     web = EmbeddedWeb(cfg)
     start = _web_start_stage()
@@ -306,32 +368,38 @@ def pipeline_flow(cfg: PipelineConfig, selected: list[str] | None, force: bool, 
                 continue
             stage_force = force or selected is not None
             if (spec.uses_embedded_web and spec is not start and embedded_web_in_use(cfg)
-                    and _will_run(cfg, spec.name, stage_force)):
+                    and _will_run(cfg, spec.name, stage_force, verify)):
                 # the URLs found there name the port the web had then; serve it there again if we can
                 found_at = (read_manifest(cfg.stage_dir(start.name)) or {}).get("counts", {}).get("seed_url")
                 if web.seed_url(preferred=found_at) != found_at:
                     print(f"[{spec.name}] the embedded web could not get its old port back: {start.name} runs again")
                     outcomes.append(execute_stage(cfg, start.name, web, run_id, tracking_uri, force=True))
-            outcomes.append(execute_stage(cfg, spec.name, web, run_id, tracking_uri, stage_force))
+            outcomes.append(execute_stage(cfg, spec.name, web, run_id, tracking_uri, stage_force, verify))
     finally:
         web.stop()
     return [o.__dict__ for o in outcomes]
 
 
 def run_pipeline(cfg: PipelineConfig, selected: list[str] | None = None, force: bool = False,
-                 verbose: bool = True) -> dict:
-    """Validate, open (or reuse) the MLflow run, run the parent flow; returns outcomes, run id and the
-    run's log file. With verbose=False the console shows only witclip's lines (flows.console)."""
+                 verbose: bool = True, verify: bool = False) -> dict:
+    """Validate, take the run's lock, open (or reuse) the MLflow run, run the parent flow; returns
+    outcomes, run id and the run's log file. With verbose=False the console shows only witclip's lines
+    (flows.console); with verify=True complete outputs are checked by sha256, not size and mtime only."""
+    preflight(cfg, selected, verify)  # before the lock: bad input creates no run directory
+    with run_lock(cfg.run_dir, cfg.run_name):
+        return _run_locked(cfg, selected, force, verbose, verify)
+
+
+def _run_locked(cfg: PipelineConfig, selected: list[str] | None, force: bool, verbose: bool, verify: bool) -> dict:
     from flows.console import RunLog
 
-    preflight(cfg, selected)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     with RunLog(cfg.run_dir, verbose=verbose) as log:
         print(f"pipeline run {cfg.run_name} in {cfg.run_dir}; the engines' messages go to {log.path}")
         flat = tracking.flatten_params(cfg.model_dump(mode="json"))
         run_id = tracking.get_or_create_run(uri, cfg.mlflow.experiment, cfg.run_name,
                                             stable_hash(cfg.model_dump(mode="json")), flat)
-        outcomes = pipeline_flow(cfg, selected, force, run_id)
+        outcomes = pipeline_flow(cfg, selected, force, run_id, verify)
     return {"outcomes": outcomes, "run_id": run_id, "tracking_uri": uri, "log": str(log.path)}
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from data.common.files import atomic_write_json, is_temp_name, sha256_file
 
 MANIFEST_NAME = "manifest.json"
+ATTEMPT_NAME = ".attempt.json"  # a stage attempt in progress (or failed): its key and status
 _SKIP_DIRS = {"_tmp"}  # img2dataset scratch space; never part of a stage's outputs
 
 
@@ -39,6 +40,51 @@ def hash_outputs(
                 continue
             hashes[rel] = sha256_file(full)
     return dict(sorted(hashes.items()))
+
+
+def output_stats(out_dir: str | os.PathLike[str], rel_paths: Iterable[str]) -> dict[str, list[int]]:
+    """{relative path: [size in bytes, mtime in ns]}: what `verify_outputs` checks cheaply."""
+    root = Path(out_dir)
+    stats = {}
+    for rel in rel_paths:
+        st = (root / rel).stat()
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def verify_outputs(out_dir: str | os.PathLike[str], manifest: dict[str, Any], *, deep: bool = False) -> str | None:
+    """None when every output the manifest lists is still as it was written; otherwise what differs,
+    naming the first file that does. Size and mtime always (a hard link or `copy2` keeps both); with
+    `deep`, the sha256 of every file too (an edit that kept size and mtime)."""
+    root = Path(out_dir)
+    outputs: dict[str, str] = manifest.get("outputs") or {}
+    stats: dict[str, list[int]] = manifest.get("stats") or {}
+    if outputs and not stats:
+        return "its manifest predates output checks"
+    for rel, digest in outputs.items():
+        path = root / rel
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return f"{path} is missing"
+        size, mtime_ns = stats.get(rel, [None, None])
+        if st.st_size != size:
+            return f"{path} is {st.st_size} bytes, {size} when the stage completed"
+        if st.st_mtime_ns != mtime_ns:
+            return f"{path} was modified after the stage completed"
+        if deep and sha256_file(path) != digest:
+            return f"{path} does not match its sha256 in the manifest"
+    return None
+
+
+def enclosing_stage_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The stage directory `path` is in or is (one holding a manifest or an attempt), or None. Stage
+    outputs may be shared with other runs through hard links: nothing but their stage writes there."""
+    p = Path(path).resolve()
+    for d in (p, *p.parents):
+        if (d / MANIFEST_NAME).is_file() or (d / ATTEMPT_NAME).is_file():
+            return d
+    return None
 
 
 def _canonical_json(obj: Any) -> str:

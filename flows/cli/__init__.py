@@ -17,7 +17,7 @@ import sys
 
 from flows.cli import benchmarks, models, run, urls, web
 from flows.cli.run import check_environment
-from flows.errors import UserError
+from flows.errors import RejectedOutput, UserError
 
 __all__ = ["build_parser", "check_environment", "main"]
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RejectedOutput as e:  # the world's fault (an outage): counted, not cached, retried next run
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ConnectionError, PermissionError) as e:
         # raised by a stage once it started (e.g. the seed site went away): no manifest was written
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flows.cli.paths import writable_out_dir
 from flows.errors import UserError
 
 MAX_WORKERS = 64
@@ -149,7 +150,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     classnames = list(task.classnames) if task and task.classnames else None
     templates = list(task.templates) if task else ["a photo of a {c}."]
-    info = convert_to_wds(dataset, args.out, classnames=classnames, templates=templates,
+    info = convert_to_wds(dataset, writable_out_dir(args.out), classnames=classnames, templates=templates,
                           image_format=args.image_format)
     print(f"wrote {info['samples']} samples, {info['classes']} classes, {info['shards']} shard(s) to {args.out}")
     return 0

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from flows.cli.benchmarks import data_roots, select_tasks
+from flows.cli.paths import writable_out_dir
 from flows.errors import UserError
 from flows.tracking import DEFAULT_TRACKING_URI, check_tracking_uri, tracking_uri
 from flows.weights import DEFAULT_IMPORTS_DIR
@@ -48,6 +49,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from data.eval.suite import evaluate_suite, load_model_for_eval
 
+    out = writable_out_dir(args.out)
     tasks = select_tasks(args.tasks)
     roots = data_roots(args.data_root)
     if args.model.startswith(("models:/", "runs:/")):
@@ -60,31 +62,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer, label = load_model_for_eval(args.model)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    report = evaluate_suite(model, tokenizer, tasks, roots, Path(args.out), model_label=label,
+    report = evaluate_suite(model, tokenizer, tasks, roots, out, model_label=label,
                             batch_size=args.batch_size, num_workers=args.workers,
-                            cache_dir=Path(args.out) / "cache", save_predictions=args.save_predictions)
+                            cache_dir=out / "cache", save_predictions=args.save_predictions)
     print(f"{report['tasks_ran']} of {report['tasks_total']} tasks ran; mean {report['mean_score']:.4f}; "
           f"reports in {args.out}/ (summary.md, results.json, results.csv, results.png)")
     return 0
 
 
 def _registry_client(explicit: str | None):
+    """(tracking URI, MlflowClient on it) for the alias commands; the URI also names the alias lock."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=_store(explicit))
+    uri = _store(explicit)
+    return uri, MlflowClient(tracking_uri=uri)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     import mlflow
 
-    from flows.registry import move_alias
+    from flows.locks import LockHeld
+    from flows.registry import move_alias, registry_lock
 
-    client = _registry_client(args.tracking_uri)
+    uri, client = _registry_client(args.tracking_uri)
     try:
         mv = client.get_model_version(args.name, str(args.version))
     except mlflow.exceptions.MlflowException:
         raise UserError(f"model {args.name} has no version {args.version}") from None
-    move_alias(client, args.name, args.alias, mv.version)
+    try:
+        with registry_lock(uri, args.name):  # a register moving @champion now would interleave its history
+            move_alias(client, args.name, args.alias, mv.version)
+    except LockHeld as e:
+        raise UserError(f"{e}; @{args.alias} not moved") from None
     print(f"@{args.alias} of {args.name} -> version {mv.version} (mean_score {mv.tags.get('mean_score', 'not recorded')})")
     return 0
 
@@ -92,15 +101,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     import mlflow
 
-    from flows.registry import rollback_alias
+    from flows.locks import LockHeld
+    from flows.registry import registry_lock, rollback_alias
 
-    client = _registry_client(args.tracking_uri)
+    uri, client = _registry_client(args.tracking_uri)
     try:
-        current, previous = rollback_alias(client, args.name, args.alias)
+        with registry_lock(uri, args.name):  # the history read and cut must not interleave with a move
+            current, previous = rollback_alias(client, args.name, args.alias)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"no registered model {args.name!r}") from None
     except ValueError as e:
         raise UserError(str(e)) from None
+    except LockHeld as e:
+        raise UserError(f"{e}; @{args.alias} not rolled back") from None
     print(f"@{args.alias} of {args.name}: version {current} -> version {previous}")
     return 0
 
@@ -110,7 +123,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
     uri = tracking_uri(args.tracking_uri)
     result = import_weights(args.source, name=args.name, alias=args.alias, vocab=args.vocab, tracking_uri=uri,
-                            out_dir=Path(args.out), experiment=args.experiment, progress=True)
+                            out_dir=writable_out_dir(args.out), experiment=args.experiment, progress=True)
     config = result["config"] or "no bundled config"
     print(f"registered {result['model_uri']} as @{result['alias']} ({config}, {result['source_dtype']} source, "
           f"sha256 {result['sha256']})")

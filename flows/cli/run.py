@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -64,15 +65,23 @@ def print_summary(result: dict, cfg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.config import load_config
+    from flows.config_file import read_config_data, run_dir_early
+    from flows.locks import run_lock
 
-    cfg = load_config(args.config, args.set)
-    check_environment()
-    _prefect_defaults()
-    from flows.pipeline import run_pipeline, select_stages
+    # the lock of a run directory that exists first, before the config's and Prefect's slow imports: a
+    # second run of the same name is told at once. run_pipeline takes the lock of the validated run_dir
+    # (again, re-entrantly; or for the first time, after its checks, so bad input creates no directory).
+    early = run_dir_early(read_config_data(args.config, args.set))
+    with run_lock(*early) if early and early[0].is_dir() else contextlib.nullcontext():
+        from flows.config import load_config
 
-    selected = select_stages(args.stages, args.from_stage)
-    result = run_pipeline(cfg, selected, force=args.force, verbose=args.verbose)
+        cfg = load_config(args.config, args.set)
+        check_environment()
+        _prefect_defaults()
+        from flows.pipeline import run_pipeline, select_stages
+
+        selected = select_stages(args.stages, args.from_stage)
+        result = run_pipeline(cfg, selected, force=args.force, verbose=args.verbose, verify=args.verify)
     if not args.verbose:  # Prefect's temporary API says goodbye at exit: chatter, like its hello
         logging.getLogger("prefect").setLevel(logging.WARNING)
     print_summary(result, cfg)
@@ -144,6 +153,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--stages", help="comma-separated stages to (re-)run, e.g. eval,register")
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and every stage after it")
     r.add_argument("--force", action="store_true", help="re-run stages even when complete")
+    r.add_argument("--verify", action="store_true",
+                   help="check complete outputs by sha256 before skipping or reusing them (always: size and mtime)")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="also show the engines' messages (Prefect, Dask, MLflow, img2dataset) on the console; "
                         "they always go to <work_dir>/<run_name>/logs/")

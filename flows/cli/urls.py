@@ -8,9 +8,9 @@ DataComp...) downloaded for the harvest stage (``harvest.source: urls``).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from flows.cli.benchmarks import check_workers, human_size
+from flows.cli.paths import writable_out_dir
 from flows.errors import UserError
 
 
@@ -34,7 +34,7 @@ def cmd_urls_fetch(base_url: str, files: list[str], list_file: str | None, out: 
     if (url_col is None) != (caption_col is None):
         raise UserError("urls fetch: give both --url-col and --caption-col (or neither)")
     try:
-        r = fetch_url_lists(base_url, names, Path(out), workers, url_col=url_col, caption_col=caption_col)
+        r = fetch_url_lists(base_url, names, writable_out_dir(out), workers, url_col=url_col, caption_col=caption_col)
     except (DownloadError, ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     print(f"{r['files']} file(s) in {out}: {r['downloaded']} downloaded, {r['resumed']} resumed, "

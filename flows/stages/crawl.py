@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.stages.spec import StageContext, StageSpec
+from flows.stages.spec import ConfigView, StageContext, StageSpec
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -28,12 +28,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return counts
 
 
+def accept(cfg: ConfigView, counts: dict[str, Any]) -> str | None:
+    """An outage or a blocked crawler downloads (almost) nothing: not an output to cache."""
+    urls, ok = counts.get("urls", 0), counts.get("successes", 0)
+    floor = cfg.crawl.min_success_rate
+    if urls and ok / urls >= floor:
+        return None
+    failures = [(r, n) for r, n in counts.get("reasons", {}).items() if r != "success"][:3]
+    top = ", ".join(f"{r} {n}" for r, n in failures) or "none recorded"
+    return (f"{ok} of {urls} URLs downloaded ({ok / max(urls, 1):.1%}), below crawl.min_success_rate "
+            f"{floor:.0%}; top failure reasons: {top}")
+
+
 SPEC = StageSpec(
     name="crawl",
     upstream=("harvest",),
     reads=lambda cfg: ("crawl", "http", "web.enabled", "cluster"),
-    runtime=("cluster",),  # where the work runs does not change what it downloads
+    # where the work runs does not change what it downloads; the floor only judges the result
+    runtime=("cluster", "crawl.min_success_rate"),
     run=run,
+    accept=accept,
+    engines=("img2dataset", "pillow", "opencv-python-headless", "albumentations", "pyarrow", "pandas"),
     figures=("urls", "successes", "failed_to_download", "failed_to_resize"),
     uses_embedded_web=True,
 )

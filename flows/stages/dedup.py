@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.stages.generated import synthetic_benchmarks, synthetic_names
-from flows.stages.spec import StageContext, StageSpec
+from flows.stages.spec import ConfigView, StageContext, StageSpec
 
 
 def reads(cfg) -> tuple[str, ...]:
@@ -26,6 +26,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def accept(cfg: ConfigView, counts: dict[str, Any]) -> str | None:
+    if counts.get("kept", 0) == 0:
+        return f"kept none of the {counts.get('input', 0)} downloaded samples"
+    return None
+
+
 SPEC = StageSpec(
     name="dedup",
     upstream=("crawl",),
@@ -36,4 +42,6 @@ SPEC = StageSpec(
     key_values={"eval.benchmarks": synthetic_names},
     run=run,
     figures=("input", "kept"),
+    accept=accept,
+    engines=("pillow", "numpy", "scipy", "pandas", "pyarrow"),
 )

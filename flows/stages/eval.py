@@ -70,4 +70,6 @@ SPEC = StageSpec(
     run=run,
     figures=("tasks_ran", "colour_score", "shape_score", "count_score", "mean_score"),
     mlflow_artifacts=REPORTS,
+    code=("data/eval/tasks", "data/eval/classnames", "data/eval/templates"),
+    engines=("torch", "torchvision", "pillow", "numpy", "webdataset", "matplotlib"),
 )

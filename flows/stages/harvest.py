@@ -87,6 +87,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return counts
 
 
+def accept(cfg: ConfigView, counts: dict[str, Any]) -> str | None:
+    if counts.get("candidates", 0) == 0:
+        return "no (image URL, caption) pair found" + (
+            f" in {counts['pages_fetched']} page(s)" if "pages_fetched" in counts else "")
+    return None
+
+
 SPEC = StageSpec(
     name="harvest",
     upstream=(),
@@ -96,4 +103,6 @@ SPEC = StageSpec(
     preflight=preflight,
     figures=("pages_fetched", "candidates"),
     uses_embedded_web=True,
+    accept=accept,
+    engines=("pandas", "pyarrow", "warcio", "protego"),
 )

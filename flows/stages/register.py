@@ -22,7 +22,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "pipeline_run_name": ctx.cfg.run_name,
         "data_manifest_hash": (read_manifest(ctx.input_dir("shard")) or {}).get("outputs_hash", ""),
         "train_outputs_hash": train_manifest.get("outputs_hash", ""),
+        # the code that made the model: git commit (-dirty when edited) in a checkout, and always the
+        # fingerprint of every witclip source file
         "code_version": train_manifest.get("code_version", ""),
+        "source_fingerprint": train_manifest.get("source_fingerprint", ""),
     }
     m = ctx.cfg.mlflow
     return register_model(
@@ -39,4 +42,5 @@ SPEC = StageSpec(
     runtime=("run_name",),  # a lineage tag: a nightly run under a new name registers nothing new
     run=run,
     figures=("version", "promoted", "mean_score"),
+    engines=("mlflow", "torch"),
 )

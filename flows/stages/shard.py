@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.stages.spec import StageContext, StageSpec
+from flows.stages.spec import ConfigView, StageContext, StageSpec
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -16,10 +16,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
                         val_fraction=s.val_fraction, samples_per_shard=s.samples_per_shard, seed=s.seed)
 
 
+def accept(cfg: ConfigView, counts: dict[str, Any]) -> str | None:
+    return None if counts.get("train", 0) > 0 else "no sample went to the train split"
+
+
 SPEC = StageSpec(
     name="shard",
     upstream=("crawl", "dedup"),
     reads=lambda cfg: ("shard",),
     run=run,
     figures=("train", "val"),
+    accept=accept,
+    engines=("pandas", "pyarrow"),
 )

@@ -7,7 +7,9 @@ the config only through a `ConfigView` of those paths: reading anything else rai
 derived from exactly what it declared, less its `runtime` paths (where and how it runs, not what it
 makes), with `key_values` turning a value into the part of it that matters (dedup needs only the
 synthetic benchmarks among `eval.benchmarks`) and `key_extras` adding inputs that live outside the
-config (file contents, benchmark data on disk).
+config (file contents, benchmark data on disk). Its code is part of the key too: the sources of the witclip
+modules it uses (found from its module, plus `code`) and the versions of its `engines`
+(`flows.code_version`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ class StageSpec:
     preflight: Callable[[ConfigView, bool], None] | None = None  # (view, already complete): UserError early
     mlflow_artifacts: tuple[str, ...] = ()  # output files also logged to the pipeline's MLflow run
     uses_embedded_web: bool = False  # requests go to the embedded synthetic web when it is on
+    code: tuple[str, ...] = ()  # code beyond its module's imports: modules run elsewhere, data files it reads
+    engines: tuple[str, ...] = ()  # distributions whose version can change what it makes
+    # (view, counts) -> why the output is not worth keeping (a crawl during an outage), or None: a
+    # rejected output is never marked complete, adopted or resumed
+    accept: Callable[[ConfigView, dict[str, Any]], str | None] | None = None
+
+    def code_fingerprint(self) -> dict[str, Any]:
+        """The code part of the key (`flows.code_version.stage_code`)."""
+        from flows.code_version import stage_code
+
+        return stage_code(self.run.__module__, self.code, self.engines)
 
     def declared(self, cfg: "PipelineConfig") -> frozenset[str]:
         return frozenset(self.reads(cfg))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.stages.generated import HELDOUT_BENCHMARK, heldout_benchmark
-from flows.stages.spec import StageContext, StageSpec
+from flows.stages.spec import ConfigView, StageContext, StageSpec
 
 
 def free_loopback_port() -> int:
@@ -87,6 +88,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
+def accept(cfg: ConfigView, counts: dict[str, Any]) -> str | None:
+    loss = counts.get("final_loss")
+    if not counts.get("steps") or loss is None or not math.isfinite(loss):
+        return f"{counts.get('steps', 0)} steps, final loss {loss}: no usable model"
+    return None
+
+
 SPEC = StageSpec(
     name="train",
     upstream=("shard",),
@@ -98,4 +106,7 @@ SPEC = StageSpec(
              "train.checkpoint_every", "eval.seed", "eval.batch_size", "web.image_size", "run_name"),
     run=run,
     figures=("steps", "final_loss", "samples_seen"),
+    accept=accept,
+    code=("flows.train_entry", "clip/configs"),  # what torchrun runs on every rank
+    engines=("torch", "torchvision", "tokenizers", "webdataset", "safetensors", "pillow", "numpy"),
 )
