@@ -83,52 +83,6 @@ def registered(tracking_uri: str, model: str = "witclip") -> list:
     return sorted(client.search_model_versions(f"name='{model}'"), key=lambda mv: int(mv.version))
 
 
-# -- 1. code-aware keys ----------------------------------------------------------------------------------
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, (path, old)
-    path.write_text(text.replace(old, new, 1))
-
-
-def _commit(tree: Path, message: str) -> None:
-    subprocess.run(["git", "-C", str(tree), "add", "-A"], check=True, capture_output=True)
-    subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message],
-                   check=True, capture_output=True)
-
-
-def test_editing_one_stage_reruns_it_and_what_follows_and_nothing_above(tmp_path):
-    tree = tmp_path / "witclip"  # a copy of the code, a git checkout of its own
-    for part in ("clip", "data", "flows"):
-        shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "init", "-q", str(tree)], check=True)
-    _commit(tree, "as shipped")
-    sets = TINY + ["run_name=code", f"work_dir={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
-
-    first = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
-    assert set(statuses(first.stdout).values()) == {"ran"}, first.stdout[-2000:]
-
-    _edit(tree / "data/dedup/deduplicate.py", '"""', '"""An edited line.\n', )
-    _commit(tree, "dedup edited")
-    second = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
-    assert statuses(second.stdout) == {"harvest": "skipped", "crawl": "skipped", "dedup": "ran", "shard": "ran",
-                                       "train": "ran", "eval": "ran", "register": "ran"}, second.stdout[-2000:]
-
-    _edit(tree / "clip/train.py", '"""', '"""An edited line.\n')
-    _commit(tree, "trainer edited")
-    third = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
-    assert statuses(third.stdout) == {"harvest": "skipped", "crawl": "skipped", "dedup": "skipped",
-                                      "shard": "skipped", "train": "ran", "eval": "ran", "register": "ran"}
-
-    versions = registered(f"sqlite:///{tmp_path / 'm.db'}")
-    assert [str(mv.version) for mv in versions] == ["1", "2", "3"]
-    tags = [mv.tags for mv in versions]
-    commits = [t["code_version"] for t in tags]
-    assert len(set(commits)) == 3 and all(len(c) == 40 for c in commits), commits  # clean checkouts: bare commits
-    assert len({t["source_fingerprint"] for t in tags}) == 3
-
-
 # -- 2 and 6: one writer per run; concurrent runs equal sequential ones; byte-identical reruns ------------
 
 
@@ -294,3 +248,54 @@ def test_a_crawl_during_an_outage_fails_with_its_reasons_and_the_next_run_crawls
         assert not (crawl_dir / ".attempt.json").exists()
     finally:
         web.stop()
+
+
+# -- 1. code-aware keys ----------------------------------------------------------------------------------
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def _commit(tree: Path, message: str) -> None:
+    subprocess.run(["git", "-C", str(tree), "add", "-A"], check=True, capture_output=True)
+    subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message],
+                   check=True, capture_output=True)
+
+
+def test_editing_one_stage_reruns_it_and_what_follows_and_nothing_above(shared_web, sequential, tmp_path):
+    tree = tmp_path / "witclip"  # a copy of the code, a git checkout of its own
+    for part in ("clip", "data", "flows"):
+        shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    _commit(tree, "as shipped")
+    sets = _sets(shared_web, tmp_path, "a")
+    # the code is the same as the sequential runs': their complete run, copied, is this tree's first run
+    shutil.copytree(sequential["root"] / "runs" / "a", tmp_path / "runs" / "a", copy_function=os.link,
+                    ignore=shutil.ignore_patterns(".lock", "logs"))
+    first = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
+    # all but register, whose key holds the MLflow store: this test's store has no model yet
+    assert statuses(first.stdout) == {**{stage: "skipped" for stage in STAGE_NAMES}, "register": "ran"}
+
+    _edit(tree / "data/dedup/deduplicate.py", '"""', '"""An edited line.\n', )
+    _commit(tree, "dedup edited")
+    second = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
+    assert statuses(second.stdout) == {"harvest": "skipped", "crawl": "skipped", "dedup": "ran", "shard": "ran",
+                                       "train": "ran", "eval": "ran", "register": "ran"}, second.stdout[-2000:]
+
+    _edit(tree / "clip/train.py", '"""', '"""An edited line.\n')
+    _commit(tree, "trainer edited")
+    third = ok(witclip_run(sets, cwd=tree, pythonpath=tree))
+    assert statuses(third.stdout) == {"harvest": "skipped", "crawl": "skipped", "dedup": "skipped",
+                                      "shard": "skipped", "train": "ran", "eval": "ran", "register": "ran"}
+
+    versions = registered(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [str(mv.version) for mv in versions] == ["1", "2", "3"]
+    # each version names the code that made its model: v1 the copied run's (this repository), v2 and v3
+    # the edited tree's commits
+    tags = [mv.tags for mv in versions]
+    commits = [t["code_version"] for t in tags]
+    assert len(set(commits)) == 3 and all(len(c) == 40 for c in commits[1:]), commits
+    assert len({t["source_fingerprint"] for t in tags}) == 3

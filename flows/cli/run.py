@@ -81,9 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.pipeline import run_pipeline, select_stages
 
         selected = select_stages(args.stages, args.from_stage)
-        result = run_pipeline(cfg, selected, force=args.force, verbose=args.verbose, verify=args.verify)
-    if not args.verbose:  # Prefect's temporary API says goodbye at exit: chatter, like its hello
-        logging.getLogger("prefect").setLevel(logging.WARNING)
+        try:
+            result = run_pipeline(cfg, selected, force=args.force, verbose=args.verbose, verify=args.verify)
+        finally:
+            if not args.verbose:  # Prefect's temporary API says goodbye at exit (after a failure too): chatter
+                logging.getLogger("prefect").setLevel(logging.WARNING)
     print_summary(result, cfg)
     return 0
 
