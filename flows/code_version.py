@@ -29,6 +29,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from data.common.files import sha256_file
+
 REPO_ROOT = Path(__file__).resolve().parent.parent  # where clip/, data/ and flows/ live
 WITCLIP_PACKAGES = ("clip", "data", "flows")
 
@@ -94,10 +96,6 @@ def module_closure(roots: Iterable[str]) -> dict[str, Path]:
     return dict(sorted(seen.items()))
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def code_files(roots: Iterable[str], extra: Iterable[str] = ()) -> dict[str, str]:
     """{repo-relative path: sha256} of the module closure of `roots` plus `extra`: more module names, or
     repo-relative paths of data files or directories (every file under it)."""
@@ -111,7 +109,7 @@ def code_files(roots: Iterable[str], extra: Iterable[str] = ()) -> dict[str, str
                          (f for f in target.rglob("*") if f.is_file() and "__pycache__" not in f.parts))
         else:
             files.update(module_closure([item]).values())
-    return {f.relative_to(REPO_ROOT).as_posix(): _file_digest(f) for f in sorted(files)}
+    return {f.relative_to(REPO_ROOT).as_posix(): sha256_file(f) for f in sorted(files)}
 
 
 def engine_versions(distributions: Iterable[str]) -> dict[str, str]:
@@ -143,7 +141,7 @@ def source_fingerprint() -> str:
                   and f.suffix != ".pyc"]
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f"{f.relative_to(REPO_ROOT).as_posix()}\0{_file_digest(f)}\n".encode())
+        h.update(f"{f.relative_to(REPO_ROOT).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -53,8 +53,6 @@ from flows.locks import run_lock
 from flows.retries import mlflow_call
 from flows.stages import STAGE_NAMES, STAGES, StageContext, StageSpec, get_stage
 
-ATTEMPT_FILE = ATTEMPT_NAME  # key of an unfinished attempt: same key and still "running" → resume it
-
 
 @dataclass
 class StageOutcome:
@@ -165,7 +163,7 @@ def adopt_stage(cfg: PipelineConfig, stage: str, source: Path) -> dict | None:
     scratch = target.with_name(f".{stage}.adopting")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        shutil.copytree(source, scratch, copy_function=_link_or_copy, ignore=lambda d, names: [ATTEMPT_FILE])
+        shutil.copytree(source, scratch, copy_function=_link_or_copy, ignore=lambda d, names: [ATTEMPT_NAME])
         manifest = dict(read_manifest(scratch) or {})
         problem = verify_outputs(scratch, manifest) if manifest.get("status") == "complete" else "not complete"
     except OSError as err:
@@ -236,8 +234,8 @@ def stage_flow(spec: StageSpec) -> Any:
 def _prepare_dir(stage_dir: Path, key: str, force: bool) -> None:
     """Keep a crashed attempt's partial output only when it was made for the same key and not rejected
     (resume); anything else starts from an empty directory."""
-    attempt_path = stage_dir / ATTEMPT_FILE
-    attempt = read_manifest(stage_dir, name=ATTEMPT_FILE)
+    attempt_path = stage_dir / ATTEMPT_NAME
+    attempt = read_manifest(stage_dir, name=ATTEMPT_NAME)
     resumable = bool(attempt and attempt.get("key") == key and attempt.get("status") == "running")
     if stage_dir.exists() and (force or not resumable):
         shutil.rmtree(stage_dir)
@@ -275,7 +273,7 @@ def execute_stage(
         rejected = spec.accept(spec.view(cfg), counts) if spec.accept is not None else None
         if rejected:
             # kept on disk to look at, never resumed: the next attempt starts afresh (_prepare_dir)
-            atomic_write_json(stage_dir / ATTEMPT_FILE, {"key": key, "status": "rejected", "reason": rejected})
+            atomic_write_json(stage_dir / ATTEMPT_NAME, {"key": key, "status": "rejected", "reason": rejected})
             raise RejectedOutput(f"stage '{stage}' rejected its output: {rejected}; nothing was cached, "
                                  "the next run makes it again")
     except Exception:
@@ -285,7 +283,7 @@ def execute_stage(
             print(f"[{stage}] could not record the failure in MLflow: {log_error}")
         raise
     seconds = time.perf_counter() - t0
-    outputs = hash_outputs(stage_dir, exclude=("manifest.json", ATTEMPT_FILE))
+    outputs = hash_outputs(stage_dir, exclude=("manifest.json", ATTEMPT_NAME))
     manifest = {
         "stage": stage,
         "status": "complete",
@@ -306,7 +304,7 @@ def execute_stage(
     }
     make_read_only(stage_dir, list(outputs))  # before the manifest: a complete output is a protected one
     path = write_manifest(stage_dir, manifest)
-    (stage_dir / ATTEMPT_FILE).unlink(missing_ok=True)
+    (stage_dir / ATTEMPT_NAME).unlink(missing_ok=True)
     mlflow_call(tracking.log_stage, tracking_uri, run_id, stage, path, counts)
     if spec.mlflow_artifacts:
         mlflow_call(tracking.log_artifacts, tracking_uri, run_id, [stage_dir / f for f in spec.mlflow_artifacts], stage)

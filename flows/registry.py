@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from data.common.files import atomic_write_json
 from flows.locks import LockHeld, describe_holder, hold
 from flows.retries import mlflow_call
+from flows.tracking import sqlite_db_path
 
 # A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
 # tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz for imported OpenAI weights).
@@ -158,12 +159,10 @@ def registry_lock_path(tracking_uri: str, model_name: str) -> Path:
     ``<model>`` is the name with anything but letters, digits, ``.``, ``_`` and ``-`` made ``_``; two
     names that read the same then share one lock, which only makes them wait for each other."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)[:100]
-    sqlite = "sqlite:///"
-    if tracking_uri.startswith(sqlite):
-        db = tracking_uri[len(sqlite):].split("?", 1)[0]
-        if db and db != ":memory:":
-            db_path = Path(db).resolve()
-            return db_path.with_name(f"{db_path.name}.registry-{slug}.lock")
+    db = sqlite_db_path(tracking_uri)
+    if db is not None:
+        db = db.resolve()
+        return db.with_name(f"{db.name}.registry-{slug}.lock")
     if _is_file_store(tracking_uri):
         parsed = urlparse(tracking_uri)
         store_dir = Path(unquote(parsed.path) if parsed.scheme == "file" else tracking_uri)

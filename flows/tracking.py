@@ -28,6 +28,16 @@ def tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (its query string dropped); None for any other store and
+    for an in-memory database."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    db = uri[len(prefix):].split("?", 1)[0]
+    return Path(db) if db and db != ":memory:" else None
+
+
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -45,8 +55,8 @@ def check_tracking_uri(uri: str) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except Exception as e:  # noqa: BLE001 - any failure means unreachable
             raise UserError(f"MLflow tracking server {uri} is unreachable ({e}); expected a running `mlflow server`")
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
+    elif (db := sqlite_db_path(uri)) is not None:
+        parent = db.parent
         if not parent.is_dir():
             raise UserError(f"mlflow.tracking_uri {uri}: directory {parent} does not exist")
 
@@ -55,11 +65,11 @@ def _setup_lock(uri: str) -> Any:
     """Held while a run first touches a sqlite store: MLflow creates and migrates the schema of a new
     database on first use, and two runs starting at once on a fresh store would both try (and one fail on
     "table already exists"); the same for creating the experiment."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_db_path(uri)
+    if db is None:
         return contextlib.nullcontext()
     from flows.locks import hold
 
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
     return hold(db.with_name(f"{db.name}.setup.lock"), purpose=f"setting up the MLflow store {uri}", wait_s=300)
 
 
