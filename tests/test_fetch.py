@@ -26,6 +26,19 @@ def _jpeg(size: tuple[int, int] = (32, 24)) -> bytes:
 JPEG = _jpeg()
 
 
+def _noisy_jpeg_cut_after_header() -> bytes:
+    """A JPEG whose header (up to the start of scan) is intact but whose scan data is cut short."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 48), bytes((i * 37) % 251 for i in range(64 * 48 * 3))).save(buf, "JPEG")
+    data = buf.getvalue()
+    return data[: data.index(b"\xff\xda") + 200]
+
+
+TRUNCATED_JPEG = _noisy_jpeg_cut_after_header()
+# Radiance HDR: OpenCV decodes it (up to 2^30 pixels), Pillow cannot even read its size.
+RADIANCE_HDR = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 8 +X 8\n" + bytes([128, 64, 32, 129]) * 64
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
@@ -147,6 +160,12 @@ class _Public(BaseHTTPRequestHandler):
             buf = io.BytesIO()
             Image.new("L", (200, 200)).save(buf, "PNG")
             return self._send(200, buf.getvalue(), ctype="image/png")
+        if path == "/html-as-jpeg":
+            return self._send(200, b"<!doctype html><h1>Image temporarily unavailable</h1>")
+        if path == "/radiance.hdr":
+            return self._send(200, RADIANCE_HDR, ctype="image/vnd.radiance")
+        if path == "/truncated.jpg":
+            return self._send(200, TRUNCATED_JPEG)
         if path == "/noai":
             return self._send(200, JPEG, {"X-Robots-Tag": "noai"})
         if path == "/noai-for-us":
@@ -192,6 +211,7 @@ def _reason(fetcher: Fetcher, url: str) -> str:
         ("169.254.1.1", "link_local"), ("fe80::1", "link_local"), ("100.64.0.1", "shared_address_space"),
         ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"), ("fc00::1", "private"),
         ("::ffff:10.0.0.1", "private"), ("240.0.0.1", "reserved"), ("192.0.2.1", "private"),
+        ("fec0::1", "site_local"), ("2002:a00:1::1", "private"), ("64:ff9b::7f00:1", "loopback"),
         ("8.8.8.8", None), ("1.1.1.1", None), ("2606:4700:4700::1111", None),
     ],
 )
@@ -209,6 +229,13 @@ def test_check_host_guard_and_allowlist():
     assert Fetcher(FetchPolicy(allowed_addresses=("127.0.0.1",))).check_host("127.0.0.1", 80) == "127.0.0.1"
     with pytest.raises(FetchError, match="private_address"):
         Fetcher(FetchPolicy(allowed_addresses=("127.0.0.1",))).check_host("127.0.0.2", 80)
+
+
+def test_allowlist_entry_with_a_port_allows_that_port_only(servers):
+    public, base, _ = servers
+    port = public.server_address[1]
+    assert _fetcher(allowed_addresses=(f"127.0.0.1:{port}",)).get(f"{base}/ok.jpg") == JPEG
+    assert _reason(_fetcher(allowed_addresses=(f"127.0.0.1:{port + 1}",)), f"{base}/ok.jpg") == "private_address"
 
 
 def test_success_redirects_and_http_errors(servers):
@@ -242,6 +269,9 @@ def test_caps_and_deadline(servers):
     assert _reason(f, f"{base}/huge-body") == "too_large"
     assert _reason(f, f"{base}/big-pixels.png") == "too_many_pixels"  # 200x200 > 10,000 pixels
     assert _reason(f, f"{base}/short") == "incomplete_body"
+    assert _reason(f, f"{base}/html-as-jpeg") == "unidentified_image"  # images fail closed
+    assert _reason(f, f"{base}/radiance.hdr") == "unidentified_image"  # no decoder Pillow cannot size
+    assert f.get(f"{base}/truncated.jpg") == TRUNCATED_JPEG  # header intact: the decoder reports the rest
     t0 = time.monotonic()
     assert _reason(f, f"{base}/drip") == "deadline_exceeded"  # 1 byte / 0.1 s: never a socket timeout
     assert time.monotonic() - t0 < 2.0 + 0.5

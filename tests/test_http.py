@@ -1,29 +1,34 @@
 """data.common.http, the one HTTP policy layer: Retry-After in both forms, redirects walked once, robots.txt
-conventions, and every client (pages, images, downloads) sending one user agent through it."""
+conventions (RFC 9309), the address classifier and allowlist (ports included), and every client (pages,
+images, downloads) sending one user agent through it."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
+from support.policies import loopback
 
 from data.acquire.download import download_files
 from data.common.http import (
     DEFAULT_USER_AGENT,
+    AddressGuard,
     HttpClient,
     HttpError,
     HttpPolicy,
     Redirect,
     RobotsCache,
+    classify_address,
     follow_redirects_with,
     parse_retry_after,
 )
 from data.crawl.fetch import Fetcher, FetchPolicy
 from data.harvest import harvest_site
-from support.policies import loopback
 
 
 def test_retry_after_both_forms():
@@ -59,6 +64,15 @@ def test_proxies_need_the_guard_off():
     HttpPolicy(guard=False, use_env_proxies=True)
 
 
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+JPEG = _jpeg()
+
+
 class _Handler(BaseHTTPRequestHandler):
     """/page.html, /img.jpg, /file.bin (503 with an HTTP-date Retry-After once), /robots.txt (status from
     the server's robots_status); records (path, user agent)."""
@@ -79,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return None
             return self._send(200, b"x" * 1000, "application/octet-stream")
-        return self._send(200, b"\xff\xd8\xff" + b"\0" * 100, "image/jpeg")
+        return self._send(200, JPEG, "image/jpeg")  # a real image: the Fetcher refuses what Pillow cannot size
 
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         self.send_response(status)
@@ -119,11 +133,73 @@ def test_pages_images_and_downloads_share_the_user_agent(server, tmp_path):
     assert {agent for _, agent in srv.seen} == {DEFAULT_USER_AGENT}
 
 
-@pytest.mark.parametrize(("status", "allowed"), [(200, False), (401, False), (403, False), (404, True), (500, True)])
-def test_robots_conventions_are_one_rule(server, status, allowed):
+# RFC 9309: 4xx (401 and 403 too) means no robots.txt, everything allowed; 5xx means keep out for now.
+@pytest.mark.parametrize(("status", "private_allowed", "public_allowed"),
+                         [(200, False, True), (401, True, True), (403, True, True), (404, True, True),
+                          (500, False, False), (503, False, False)])
+def test_robots_conventions_are_one_rule(server, status, private_allowed, public_allowed):
     srv, base = server
     srv.robots_status = status
     robots = RobotsCache(HttpClient(loopback(5)), deadline_seconds=5)
-    assert robots.allowed(f"{base}/private/a.jpg") is allowed
-    assert robots.allowed(f"{base}/public.jpg") is (status not in (401, 403))
-    assert [p for p, _ in srv.seen].count("/robots.txt") == 1  # once per origin
+    assert robots.allowed(f"{base}/private/a.jpg") is private_allowed
+    assert robots.allowed(f"{base}/public.jpg") is public_allowed
+    assert [p for p, _ in srv.seen].count("/robots.txt") == 1  # once per origin (5xx: not again within the backoff)
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("fec0::1", "site_local"), ("feff:ffff::1", "site_local"),  # deprecated site-local, fec0::/10
+        ("2002:0a00:0001::1", "private"),  # 6to4 of 10.0.0.1
+        ("2002:7f00:0001::", "loopback"),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", "cloud_metadata"),  # 6to4 of 169.254.169.254
+        ("2002:6440:0001::1", "shared_address_space"),  # 6to4 of 100.64.0.1
+        ("2002:0808:0808::1", None),  # 6to4 of 8.8.8.8: public
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private"),  # Teredo, client 10.0.0.1 (obfuscated)
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
+        ("2001:0:7f00:1:8000:63bf:f7f7:f7f7", "loopback"),  # Teredo, server 127.0.0.1, client 8.8.8.8
+        ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "cloud_metadata"),  # NAT64 of 169.254.169.254
+        ("::ffff:127.0.0.1", "loopback"), ("::1", "loopback"), ("fd12::1", "private"),
+        ("2606:4700:4700::1111", None), ("8.8.8.8", None),
+    ],
+)
+def test_classifier_sees_through_ipv6_wrappers(address, expected):
+    assert classify_address(address) == expected
+
+
+def test_allowlist_entries_with_a_port_allow_only_that_port():
+    guard = AddressGuard(["127.0.0.1:8080", "[::1]:9000", "localhost:7000", "10.0.0.0/8", "[fd00::/8]:443",
+                          "192.168.0.0/16:8443"])
+    assert guard.check("127.0.0.1", 8080, 1) == "127.0.0.1"
+    with pytest.raises(HttpError, match="private_address") as err:
+        guard.check("127.0.0.1", 8081, 1)
+    assert "allowed on port 8080 only" in err.value.detail
+    assert guard.check("::1", 9000, 1) == "::1"
+    with pytest.raises(HttpError, match="private_address"):
+        guard.check("::1", 80, 1)
+    assert guard.check("10.1.2.3", 1, 1) == guard.check("10.1.2.3", 65535, 1) == "10.1.2.3"  # no port: any
+    assert guard.check("fd00::5", 443, 1) == "fd00::5"
+    with pytest.raises(HttpError, match="private_address"):
+        guard.check("fd00::5", 80, 1)
+    assert guard.check("192.168.1.1", 8443, 1) == "192.168.1.1"
+    with pytest.raises(HttpError, match="private_address"):
+        guard.check("192.168.1.1", 443, 1)
+    guard.check("localhost", 7000, 5)  # the name, on its port, whatever it resolves to
+    with pytest.raises(HttpError, match="private_address"):
+        guard.check("localhost", 7001, 5)
+    with pytest.raises(HttpError, match="private_address"):
+        guard.check("127.0.0.2", 8080, 1)  # the port is allowed on 127.0.0.1 only
+
+
+def test_plain_allowlist_entries_mean_any_port():
+    guard = AddressGuard(["127.0.0.1", "::1", "[::2]"])
+    assert guard.check("127.0.0.1", 1, 1) == guard.check("127.0.0.1", 8080, 1) == "127.0.0.1"
+    assert guard.check("::1", 443, 1) == "::1" and guard.check("::2", 80, 1) == "::2"
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:0", "127.0.0.1:70000", "host name", "10.0.0.0/40", "[::1]:x"])
+def test_malformed_allowlist_entries_are_refused(entry):
+    with pytest.raises(ValueError, match="allowed_addresses|expected"):
+        AddressGuard([entry])

@@ -1,19 +1,38 @@
 """A safe, polite HTTP GET for image downloads: what img2dataset's downloader lacks.
 
 `Fetcher.get(url)` returns the body bytes or raises `FetchError(reason)` (the shared
-`data.common.http.HttpError`), where `reason` is a short stable code (`http_404`,
-`deadline_exceeded`, `private_address`, ...) that the crawl's status table counts.
+`data.common.http.HttpError`), where `reason` is a short stable code that the crawl's status table
+counts: the shared layer's (`dns_error`, `private_address`, `connection_error`, `tls_error`,
+`timeout`, `deadline_exceeded`, `too_large`, `incomplete_body`, `redirect_loop`,
+`too_many_redirects`, `http_<status>`, `robots_disallowed`, `robots_unavailable`, `unsupported_url`)
+and the Fetcher's own (`x_robots_tag`, `too_many_pixels`, `unidentified_image`).
 
 The shared HTTP layer (`data.common.http`) gives every hop the address guard (resolve once, classify
-every address, connect to the checked one), the user agent, robots.txt and Retry-After parsing. On top
-of it the Fetcher enforces, per image:
+every address, connect to the checked one), the user agent, robots.txt (RFC 9309) and Retry-After
+parsing. On top of it the Fetcher enforces, per image:
 
+- one time budget: `get()` sets ONE deadline (`FetchPolicy.deadline_seconds`) that the robots.txt
+  check of every hop (and any robots.txt fetch it triggers), the name lookups, connects, TLS
+  handshakes, response heads and bodies of all redirect hops draw from; `timeout` still bounds each
+  blocking operation (`timeout` when that ends it, `deadline_exceeded` when the deadline does).
+  Queueing is not the server's time and moves the deadline later by what it took: the wait for the
+  first hop's connection slot and rate-clock turn, and a Retry-After pause (with the slot wait after
+  it). A throttled retry does NOT get a fresh deadline: it continues the same budget, the pause apart.
+  Every other wait (a later hop's slot, another thread's robots.txt fetch) is drawn from the budget,
+  so at the server's end the hops of one request never span more than the deadline (plus Retry-After
+  pauses). `get()` returns within `deadline_seconds` plus its first queueing plus those pauses, each
+  at most `max_retry_after`, at most `throttle_retries` of them per hop;
 - safety: redirects followed by hand so each hop is checked again; a byte cap (Content-Length checked
-  before reading); a pixel cap read from the image header (decompression bombs never reach the
-  decoder); a total deadline per hop covering connect, headers and a body that trickles forever;
-- politeness: robots.txt, `X-Robots-Tag` directives (noai, ...), a per-host connection limit and
-  request rate, 429/503 `Retry-After` honoured (the whole host pauses, not just one thread) with
-  exponential backoff when the header is missing.
+  before reading); images fail closed: the body must be an image whose dimensions Pillow reads from
+  its header (`unidentified_image` otherwise: formats only the downstream decoder knows, such as
+  Radiance HDR, never reach it) and whose pixel count is under the cap (`too_many_pixels`: a
+  decompression bomb never reaches the decoder). A truncated body with an intact header passes here;
+  the decoder reports it;
+- politeness: robots.txt on every hop's origin (`robots_disallowed`; `robots_unavailable` when it
+  answers 429/5xx or not at all: the whole origin is off limits until a later retry succeeds),
+  `X-Robots-Tag` directives (noai, ...), a per-host connection limit and request rate, 429/503
+  `Retry-After` honoured (the whole host pauses, not just one thread) with exponential backoff when
+  the header is missing.
 
 State that must be shared between threads (robots cache, per-host semaphores and rate clocks) lives in
 the Fetcher; one Fetcher per process. The Fetcher pickles as its policy only, so it can be shipped to
@@ -29,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from data.common.errors import one_line
 from data.common.http import (
     DEFAULT_USER_AGENT,
     REDIRECT_STATUSES,
@@ -54,7 +74,7 @@ class FetchPolicy:
     section of the config)."""
 
     timeout: float = 2.0  # per blocking socket operation
-    deadline: float | None = None  # whole request hop: connect + headers + body; None: 4 x timeout
+    deadline: float | None = None  # whole get(): robots.txt + every hop's connect, headers, body; None: 4 x timeout
     max_bytes: int = 32 << 20
     max_pixels: int = 40_000_000  # width * height from the header, before any decoding
     max_redirects: int = 5
@@ -84,6 +104,21 @@ class _HostState:
     slots: threading.BoundedSemaphore
     lock: threading.Lock = field(default_factory=threading.Lock)
     next_time: float = 0.0  # monotonic time of the next allowed request start
+
+
+class _Clock:
+    """One `get()`'s deadline (a time.monotonic() instant). Queueing is not the server's time: the
+    wait for the first hop's connection slot and rate-clock turn, and the wait after a Retry-After
+    pause, push the deadline later by what they took. Every other wait (a later hop's slot or turn,
+    another thread's robots.txt fetch) is drawn from it and ends at it, so at the server's end the hops
+    of one request never span longer than the deadline (Retry-After pauses apart)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.sent = False  # whether a hop of this request has been sent yet
+
+    def waited(self, seconds: float) -> None:
+        self.deadline += max(0.0, seconds)
 
 
 class _Throttled(Exception):
@@ -120,12 +155,15 @@ class Fetcher:
                 )
             return state
 
-    def _wait_turn(self, state: _HostState) -> None:
-        """Block until the host's rate clock allows one more request start."""
+    def _wait_turn(self, state: _HostState, latest: float | None = None) -> None:
+        """Block until the host's rate clock allows one more request start; FetchError
+        ('deadline_exceeded') at once, taking no turn, if that start would come after `latest`."""
         rate = self.policy.max_requests_per_second_per_host
         with state.lock:
             now = time.monotonic()
             start = max(now, state.next_time)
+            if latest is not None and start >= latest:
+                raise FetchError("deadline_exceeded", "the host's request rate leaves no turn before the deadline")
             if rate > 0:
                 state.next_time = start + 1.0 / rate
         if start > now:
@@ -137,19 +175,24 @@ class Fetcher:
 
     # ------------------------------------------------------------------ the request
     def get(self, url: str) -> bytes:
-        """GET an image; bytes on success, FetchError otherwise."""
-        if self.policy.robots_txt and not self.robots.allowed(url):
-            raise FetchError("robots_disallowed")
-        body = follow_redirects_with(url, self._request_with_throttle_retries, self.policy.max_redirects)
+        """GET an image; bytes on success, FetchError otherwise. One deadline for all of it (see the
+        module docstring)."""
+        clock = _Clock(self.policy.deadline_seconds)
+        body = follow_redirects_with(url, lambda hop_url: self._hop(hop_url, clock), self.policy.max_redirects)
         self._check_pixels(body)
         return body
 
-    def _request_with_throttle_retries(self, url: str) -> bytes | Redirect:
+    def _hop(self, url: str, clock: _Clock) -> bytes | Redirect:
+        if self.policy.robots_txt:  # every hop: a redirect may lead to another origin with its own rules
+            self.robots.check(url, deadline=clock.deadline)
+        return self._request_with_throttle_retries(url, clock)
+
+    def _request_with_throttle_retries(self, url: str, clock: _Clock) -> bytes | Redirect:
         state = self._host_state(urlsplit(url).netloc.lower())
         attempts = 1 + max(0, self.policy.throttle_retries)
         for attempt in range(attempts):
             try:
-                return self._one_hop(url, state)
+                return self._one_hop(url, state, clock, after_pause=attempt > 0)
             except _Throttled as throttled:
                 wait = throttled.retry_after
                 if wait is None:
@@ -161,13 +204,19 @@ class Fetcher:
                 self._pause_host(state, wait)  # every thread waits, not just this one
         raise AssertionError("unreachable")
 
-    def _one_hop(self, url: str, state: _HostState) -> bytes | Redirect:
+    def _one_hop(self, url: str, state: _HostState, clock: _Clock, *, after_pause: bool = False) -> bytes | Redirect:
         """The body, or where the answer redirects to."""
         policy = self.policy
-        with state.slots:
-            self._wait_turn(state)
-            deadline = time.monotonic() + policy.deadline_seconds
-            response = self.client.request(url, headers={"Accept": "image/*,*/*;q=0.8"}, deadline=deadline)
+        queueing = not clock.sent or after_pause  # not the server's time (see _Clock)
+        queued = time.monotonic()
+        if not state.slots.acquire(timeout=None if queueing else max(0.0, clock.deadline - queued)):
+            raise FetchError("deadline_exceeded", "no free connection slot to the host before the deadline")
+        try:
+            self._wait_turn(state, latest=None if queueing else clock.deadline)
+            if queueing:  # after a 429/503 the Retry-After pause was waited in _wait_turn
+                clock.waited(time.monotonic() - queued)
+            clock.sent = True
+            response = self.client.request(url, headers={"Accept": "image/*,*/*;q=0.8"}, deadline=clock.deadline)
             with response:
                 status = response.status
                 if status in REDIRECT_STATUSES:
@@ -184,7 +233,9 @@ class Fetcher:
                 length = response.header("Content-Length")
                 if length and length.strip().isdigit() and int(length) > policy.max_bytes:
                     raise FetchError("too_large", f"Content-Length {int(length)} > {policy.max_bytes}")
-                return self.client.read_body(response, max_bytes=policy.max_bytes, deadline=deadline)
+                return self.client.read_body(response, max_bytes=policy.max_bytes, deadline=clock.deadline)
+        finally:
+            state.slots.release()
 
     def _x_robots_forbids(self, values: list[str]) -> bool:
         directives = {d.lower() for d in self.policy.x_robots_directives}
@@ -201,14 +252,17 @@ class Fetcher:
         return False
 
     def _check_pixels(self, body: bytes) -> None:
-        from PIL import Image, UnidentifiedImageError
+        """Fail closed: the body must be an image Pillow can size from its header alone, within the
+        pixel cap. Anything else (HTML, an unknown or exotic format OpenCV would still decode, such
+        as Radiance HDR up to 2^30 pixels) is refused before any decoder sees it."""
+        from PIL import Image
 
         try:
             with Image.open(io.BytesIO(body)) as image:  # reads the header only
                 width, height = image.size
         except Image.DecompressionBombError as err:  # PIL's own, far higher, ceiling
             raise FetchError("too_many_pixels", str(err)[:80]) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return  # not an image we can size: the decoder downstream reports it
+        except Exception as err:  # noqa: BLE001 - UnidentifiedImageError and any plugin's header error
+            raise FetchError("unidentified_image", one_line(err, 80)) from None
         if width * height > self.policy.max_pixels:
             raise FetchError("too_many_pixels", f"{width}x{height} > {self.policy.max_pixels}")

@@ -61,7 +61,7 @@ def preflight(cfg: ConfigView, complete: bool) -> None:
         from data.harvest.pages import check_seed, seed_error
 
         try:  # the same request harvest will make: same guard, user agent and redirects
-            check_seed(h.seed_url, h.page_policy(cfg.http, cfg.web.enabled))
+            check_seed(h.seed_url, h.page_policy(cfg.http, None))  # a seed of the user's: no embedded web
         except HttpError as err:
             message = str(seed_error(h.seed_url, err)).replace("seed URL", "harvest.seed_url", 1)
             hint = "" if err.reason == "private_address" else "; expected a reachable http(s) URL"
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return harvest_warc(h.warc, out, **balance)
     seed = h.seed_url or ctx.seed_url
     counts = harvest_site(seed, out, max_pages=h.max_pages, max_depth=h.max_depth,
-                          allowed_hosts=h.allowed_hosts or None, policy=h.page_policy(ctx.cfg.http, ctx.cfg.web.enabled),
+                          allowed_hosts=h.allowed_hosts or None, policy=h.page_policy(ctx.cfg.http, ctx.embedded_web),
                           respect_robots=ctx.cfg.http.robots_txt, **balance)
     counts["seed_url"] = seed
     return counts
@@ -104,5 +104,5 @@ SPEC = StageSpec(
     figures=("pages_fetched", "candidates"),
     uses_embedded_web=True,
     accept=accept,
-    engines=("pandas", "pyarrow", "warcio", "protego"),
+    engines=("pandas", "pyarrow", "warcio"),
 )
