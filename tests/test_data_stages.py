@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
+from support.policies import loopback
 
 from data.common.files import sha256_file
 from data.common.manifest import (
@@ -31,7 +32,6 @@ from data.crawl.fetch import FetchPolicy
 from data.dedup import dedup
 from data.harvest import harvest_site
 from data.shards import count_samples, shard_paths, write_shards
-from support.policies import loopback
 
 N_IMAGES = 40
 # Tests that need a real crawl: the first one pays a LocalCluster start + img2dataset import
@@ -228,6 +228,9 @@ def test_harvest_finds_pages_and_candidates(site, harvested):
     assert counts == {
         "pages_fetched": 4,  # /, page2, sub/page3, sub/page4 (each once despite #fragments)
         "page_errors": 2,  # /nope.html 404, /broken.html 500
+        "page_error_reasons": {"http_404": 1, "http_500": 1},
+        "bad_charset": 0,
+        "parse_budget_exceeded": 0,
         "non_html": 1,  # a link to a jpg
         "robots_disallowed": 1,  # /private/secret.html
         "img_tags": 53,
@@ -287,14 +290,15 @@ def test_crawl_layout_and_counts(crawled):
                            + [STATUS_FILE])
     assert counts["urls"] == N_IMAGES + 2 + len(BAD) and counts["shards"] == 3
     assert counts["successes"] == N_IMAGES + 2  # img-02 twice + the mirror copy: dedup's job
-    assert counts["failed_to_download"] == 5  # 404, 500, stall, trickle, X-Robots-Tag noai
-    assert counts["failed_to_resize"] == 2  # html body, truncated jpeg
+    # 404, 500, stall, trickle, X-Robots-Tag noai, and the html body: no image header, refused before decoding
+    assert counts["failed_to_download"] == 6
+    assert counts["failed_to_resize"] == 1  # truncated jpeg: its header is intact, the decoder fails
     assert counts["reasons"] == {
-        "success": N_IMAGES + 2, "decode_error": 2, "deadline_exceeded": 1, "http_404": 1, "http_500": 1,
-        "timeout": 1, "x_robots_tag": 1,
+        "success": N_IMAGES + 2, "decode_error": 1, "deadline_exceeded": 1, "http_404": 1, "http_500": 1,
+        "timeout": 1, "x_robots_tag": 1, "unidentified_image": 1,
     }
     sd = counts["status_dict"]  # img2dataset's own per-shard counters carry our reason codes
-    assert sd["success"] == N_IMAGES + 2 and sd["http_404"] == 1 and sd["Image decoding error"] == 2
+    assert sd["success"] == N_IMAGES + 2 and sd["http_404"] == 1 and sd["Image decoding error"] == 1
     assert counts["success_rate"] == pytest.approx(42 / 49, abs=1e-6)
     json.dumps(counts)
     status = pd.read_parquet(out / STATUS_FILE)
@@ -407,7 +411,7 @@ def test_crawl_survives_a_killed_worker(site, tmp_path):
         )
     assert len(srv.killed) == 1
     assert counts["urls"] == 24 and counts["successes"] == 22 and counts["shards"] == 3
-    assert counts["reasons"] == calm["reasons"] == {"success": 22, "http_404": 1, "decode_error": 1}
+    assert counts["reasons"] == calm["reasons"] == {"success": 22, "http_404": 1, "unidentified_image": 1}
     killed_keys, killed_dupes = _success_keys_and_duplicates(tmp_path / "out")
     calm_keys, calm_dupes = _success_keys_and_duplicates(tmp_path / "calm")
     assert killed_keys == calm_keys and len(killed_keys) == 22

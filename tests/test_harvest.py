@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from support.policies import loopback
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
@@ -27,7 +28,6 @@ from data.harvest import (
     write_candidates,
 )
 from data.harvest.queries import QueryIndex, balance_by_queries, load_queries, tokens
-from support.policies import loopback
 
 
 def _read(out: Path) -> pd.DataFrame:
@@ -286,8 +286,8 @@ def test_warc_harvest_exact_pairs(tmp_path, suffix):
     assert _triples(df) == WARC_EXPECTED and len(df) == len(WARC_EXPECTED)
     assert df["matched_query"].isna().all()
     assert counts == dict(
-        files=1, records=9, responses=6, non_200=2, non_html=1, html_responses=3,
-        img_tags=12, empty_alt=1, non_http_img=2, duplicate_candidates=1, candidates=8,
+        files=1, records=9, responses=6, non_200=2, non_html=1, html_responses=3, bad_charset=0,
+        parse_budget_exceeded=0, img_tags=12, empty_alt=1, non_http_img=2, duplicate_candidates=1, candidates=8,
     )  # fmt: skip
 
 
@@ -384,7 +384,7 @@ Disallow: /*?session=
 """
 
 
-def test_site_robots_with_protego(serve, tmp_path):
+def test_site_robots_rules(serve, tmp_path):
     links = ["/private/a.html", "/private/b.html", "/private/open.html", "/public.html?session=1", "/public.html"]
     routes = {
         "/": _page(
@@ -405,16 +405,29 @@ def test_site_robots_with_protego(serve, tmp_path):
     assert log.count("/robots.txt") == 2  # once per harvest, not once per page
 
 
-@pytest.mark.parametrize(("status", "allowed"), [(403, False), (401, False), (404, True), (500, True)])
-def test_site_robots_status_conventions(serve, tmp_path, status, allowed):
+@pytest.mark.parametrize("status", [401, 403, 404, 429, 500, 503])
+def test_site_robots_status_conventions(serve, tmp_path, status):
+    """RFC 9309: a robots.txt answered 4xx (but 429) allows everything; 429 or 5xx is "unreachable", and
+    nothing on that origin is fetched -- for the seed, that is the seed's one-line error."""
     base, log = serve({"/": _page('<img src="a.jpg" alt="a">'), "/robots.txt": (status, "text/plain", b"x")})
-    if allowed:
+    if status < 500 and status != 429:
         assert harvest_site(base, tmp_path, policy=loopback(5))["candidates"] == 1
         assert log == ["/robots.txt", "/"]
     else:
-        with pytest.raises(PermissionError, match="disallowed"):
+        with pytest.raises(ConnectionError, match=rf"^seed URL {base}/ is unreachable: {base}/robots.txt "
+                                                  rf"unreachable \(http_{status}\)$"):
             harvest_site(base, tmp_path, policy=loopback(5))
         assert log == ["/robots.txt"]
+
+
+def test_site_unreachable_robots_is_a_page_error(serve, tmp_path):
+    other, other_log = serve({"/robots.txt": (503, "text/plain", b"busy"),
+                              "/p.html": _page('<img src="o.jpg" alt="o">')})
+    base, log = serve({"/": _page(f'<a href="{other}/p.html">o</a><img src="a.jpg" alt="a">')})
+    host = lambda url: url.split("/")[2]  # noqa: E731
+    counts = harvest_site(base, tmp_path, policy=loopback(5), allowed_hosts=[host(base), host(other)])
+    assert counts["page_errors"] == 1 and counts["page_error_reasons"] == {"robots_unavailable": 1}
+    assert counts["candidates"] == 1 and other_log == ["/robots.txt"]  # p.html itself was never asked for
 
 
 # ------------------------------------------------------------------------ query balancing

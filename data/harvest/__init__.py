@@ -15,8 +15,9 @@ Every source ends in `write_candidates`, which writes `out_dir/candidates.parque
                          (`queries=`, see data.harvest.queries), else null
 
 with (url, caption) unique (the first occurrence kept) and, with `queries=`, at most
-`query_cap` pairs per query. Pages are read with the standard library's
-html.parser (no browser, no JS); requests go through `data.common.http`.
+`query_cap` pairs per query. Pages are read by witclip's own linear-time tokenizer
+(`data.harvest.html`; no browser, no JS, a step budget per page); requests go through
+`data.common.http`.
 """
 
 from data.harvest.candidates import (

@@ -1,4 +1,12 @@
-"""A bounded breadth-first crawl of live HTML pages for `<img alt>` pairs."""
+"""A bounded breadth-first crawl of live HTML pages for `<img alt>` pairs (`harvest_site`).
+
+Every request goes through `data.common.http.HttpClient`: the address guard checks every redirect hop
+before anything is sent there, no environment proxies, one deadline per page (`page_deadline`: its
+robots.txt and all its hops). Only http(s) links are followed, and only to allowed hosts; the seed's
+redirect target joins those only after it answered through the guard. A page that fails -- refused
+by the guard, unreachable, not 2xx, a bad charset label, markup over the parse budget -- is counted
+and the crawl goes on; only the seed's failure ends it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,8 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from data.common.http import HttpClient, HttpError, HttpPolicy, RobotsCache
-from data.common.urls import is_http_url, normalise_for_fetch
+from data.common.http import HttpClient, HttpError, HttpPolicy, Response, RobotsCache
+from data.common.urls import is_http_url, normalise_for_fetch, redact_url, redact_urls
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
     HTML_TYPES,
@@ -20,7 +28,7 @@ from data.harvest.html import (
     page_base,
     page_rows,
     parse_content_type,
-    parse_html,
+    parse_page,
     resolve_url,
 )
 
@@ -32,37 +40,45 @@ def _host_allowed(url: str, allowed: set[str]) -> bool:
     return parts.netloc.lower() in allowed or (parts.hostname or "").lower() in allowed
 
 
-def _fetch_page(client: HttpClient, url: str, deadline_seconds: float) -> tuple[str, str, bytes, str]:
-    """GET url -> (final url after redirects, content type, body, charset). HttpError for a failed
-    request or an answer other than 2xx (reason http_<status>)."""
-    deadline = time.monotonic() + deadline_seconds
-    with client.open(url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline) as response:
+def _fetch_page(client: HttpClient, url: str, deadline: float) -> tuple[str, str, bytes, str | None, set[str]]:
+    """GET url by `deadline` (a time.monotonic() instant) -> (final url after redirects, content type,
+    body, charset label or None, the netlocs that answered). HttpError for a failed request (a hop the
+    address guard refused included: reason private_address, nothing sent there) or an answer other
+    than 2xx (reason http_<status>)."""
+    answered: set[str] = set()  # hosts a response came from: each one got past the address guard
+
+    def note(response: Response) -> None:
+        answered.add(urlsplit(response.url).netloc.lower())
+
+    with client.open(url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline, on_response=note) as response:
         if not 200 <= response.status < 300:
             raise HttpError(f"http_{response.status}", f"HTTP {response.status}")
         ctype, charset = parse_content_type(response.header("Content-Type"))
         body = b""
         if ctype in HTML_TYPES:  # a page over the cap is parsed as far as the cap
             body = client.read_body(response, max_bytes=MAX_PAGE_BYTES, deadline=deadline, truncate=True)
-        return response.url, ctype, body, charset or "utf-8"
+        return response.url, ctype, body, charset, answered
 
 
 def seed_error(seed: str, err: HttpError) -> ConnectionError:
     """One line saying why the seed page could not be fetched."""
+    seed, detail = redact_url(seed), redact_urls(err.detail or err.reason)  # the line reaches logs and MLflow
     if err.reason == "private_address":
-        return ConnectionError(f"seed URL {seed} is refused by the address guard ({err.detail}); "
+        return ConnectionError(f"seed URL {seed} is refused by the address guard ({detail}); "
                                "list its address in http.allowed_addresses to crawl it")
-    return ConnectionError(f"seed URL {seed} is unreachable: {err.detail or err.reason}")
+    return ConnectionError(f"seed URL {seed} is unreachable: {detail}")
 
 
 def page_deadline(policy: HttpPolicy) -> float:
-    """Seconds one page request may take in all (connect, head and body): 4 x the per-operation timeout."""
+    """Seconds one page request may take in all (its robots.txt when not known yet, and every redirect
+    hop's lookup, connect, head and body): 4 x the per-operation timeout."""
     return 4 * policy.timeout
 
 
 def check_seed(seed_url: str, policy: HttpPolicy) -> None:
     """Fetch the seed page once, as harvest will (same guard, user agent, redirects); HttpError if that
     fails, so a wrong or dead seed is reported before any work."""
-    _fetch_page(HttpClient(policy), seed_url, page_deadline(policy))
+    _fetch_page(HttpClient(policy), seed_url, time.monotonic() + page_deadline(policy))
 
 
 def harvest_site(
@@ -79,17 +95,24 @@ def harvest_site(
 ) -> dict[str, Any]:
     """Breadth-first crawl from seed_url; write out_dir/candidates.parquet (module docstring).
 
-    Only pages on allowed hosts (default: the seed's host:port) are followed; image
+    Only http(s) pages on allowed hosts (default: the seed's host:port, plus the host the seed
+    redirected to, once it answered through the address guard) are followed; image
     URLs may point anywhere http(s). An <img>'s URL is its largest srcset candidate, else
     src, else data-src (lazy loading) when src is missing or a data: URI. A page that
     fails to load is counted, not fatal, except the seed itself (ConnectionError).
     `max_pages` bounds fetch attempts. Every request goes through `data.common.http` with
-    `policy` (address guard, user agent, guarded redirects, timeouts; a page's deadline is
-    `page_deadline`). Pages disallowed by the host's robots.txt are not fetched (PermissionError
-    if that is the seed). With `queries`, pairs are balanced by
-    data.harvest.queries. Returns counts: pages_fetched, page_errors, non_html,
-    robots_disallowed, img_tags, empty_alt, non_http_img, duplicate_candidates,
-    candidates (+ the balancing counts with `queries`).
+    `policy` (address guard on every redirect hop, user agent, timeouts); one page's request,
+    its robots.txt and redirects included, must end by one deadline (`page_deadline`). Pages
+    the host's robots.txt disallows are not fetched (PermissionError if that is the seed);
+    nor is a page whose robots.txt is unreachable (RFC 9309): a page error, robots_unavailable
+    (the seed: ConnectionError). Pages are decoded and tokenized by
+    `data.harvest.html.parse_page`: a bogus charset label is read as UTF-8 and counted, markup
+    that outruns the parse budget keeps what was read and is counted; neither ends the harvest.
+    With `queries`, pairs are balanced by data.harvest.queries. Returns counts: pages_fetched,
+    page_errors, page_error_reasons (HttpError reason -> pages, e.g. private_address,
+    robots_unavailable, deadline_exceeded, http_404; most frequent first), non_html,
+    robots_disallowed, bad_charset, parse_budget_exceeded, img_tags, empty_alt, non_http_img,
+    duplicate_candidates, candidates (+ the balancing counts with `queries`).
     """
     seed = normalise_for_fetch(str(seed_url))
     if not is_http_url(seed):
@@ -97,14 +120,13 @@ def harvest_site(
     allowed = {h.lower() for h in (allowed_hosts or [urlsplit(seed).netloc])}
 
     counts: dict[str, Any] = dict(
-        pages_fetched=0, page_errors=0, non_html=0, robots_disallowed=0, img_tags=0, empty_alt=0, non_http_img=0
-    )
+        pages_fetched=0, page_errors=0, non_html=0, robots_disallowed=0, bad_charset=0, parse_budget_exceeded=0,
+        img_tags=0, empty_alt=0, non_http_img=0,
+    )  # fmt: skip
+    error_reasons: dict[str, int] = {}
     client = HttpClient(policy or HttpPolicy())
     deadline_seconds = page_deadline(client.policy)
     robots = RobotsCache(client, deadline_seconds=deadline_seconds) if respect_robots else None
-    if robots is not None and not robots.allowed(seed):
-        raise PermissionError(f"seed URL {seed} is disallowed by {robots.robots_url(seed)} "
-                              f"for {client.policy.user_agent!r}")
     rows: list[tuple[str, str, str]] = []
     seen: set[str] = {seed}
     queue: deque[tuple[str, int]] = deque([(seed, 0)])
@@ -113,21 +135,40 @@ def harvest_site(
     with tqdm(total=max_pages, desc="harvest pages", unit="page", leave=False) as bar:
         while queue and attempts < max_pages:
             url, depth = queue.popleft()
-            if robots is not None and not robots.allowed(url):
-                counts["robots_disallowed"] += 1
-                continue
+            # One deadline for the page: its robots.txt (when that is not known yet) and every redirect hop.
+            deadline = time.monotonic() + deadline_seconds
+            failure: HttpError | None = None
+            if robots is not None:
+                try:
+                    robots.check(url, deadline=deadline)
+                except HttpError as err:
+                    if err.reason == "robots_disallowed":
+                        if url == seed:
+                            raise PermissionError(f"seed URL {seed} is disallowed by {robots.robots_url(seed)} "
+                                                  f"for {client.policy.user_agent!r}") from None
+                        counts["robots_disallowed"] += 1
+                        continue
+                    failure = err  # robots.txt unreachable (RFC 9309: keep out for now), deadline_exceeded
             attempts += 1
             bar.update(1)
-            try:
-                final_url, ctype, body, charset = _fetch_page(client, url, deadline_seconds)
-            except HttpError as err:  # a fault of the world, not ours
+            if failure is None:
+                try:
+                    final_url, ctype, body, charset, answered = _fetch_page(client, url, deadline)
+                except HttpError as err:  # a fault of the world (or a hop the guard refused), not ours
+                    failure = err
+            if failure is not None:
                 if url == seed:
-                    raise seed_error(seed, err) from err
+                    raise seed_error(seed, failure) from failure
                 counts["page_errors"] += 1
+                error_reasons[failure.reason] = error_reasons.get(failure.reason, 0) + 1
                 continue
             final_url = normalise_for_fetch(final_url)
-            if url == seed and allowed_hosts is None:
-                allowed.add(urlsplit(final_url).netloc)  # follow the seed's own redirect (http->https, www.)
+            final_host = urlsplit(final_url).netloc
+            if url == seed and allowed_hosts is None and final_host in answered:
+                # Follow the seed's own redirect (http->https, www.). Only a host that answered is
+                # added, and every host that answered got past the address guard on its hop: the
+                # allowlist never admits an address the guard refused.
+                allowed.add(final_host)
             if ctype not in HTML_TYPES:
                 counts["non_html"] += 1
                 continue
@@ -137,19 +178,22 @@ def harvest_site(
                 seen.add(final_url)
             counts["pages_fetched"] += 1
 
-            parser = parse_html(body, charset)
-            rows.extend(page_rows(parser, final_url, counts))
+            page = parse_page(body, charset, counts)
+            rows.extend(page_rows(page, final_url, counts))
 
             if depth >= max_depth:
                 continue
-            base = page_base(parser, final_url)
-            for href in parser.links:
+            base = page_base(page, final_url)
+            for href in page.links:
                 link = resolve_url(base, href)
+                # http(s) only: mailto:, javascript:, file:, ftp: ... links are never requested
                 if link in seen or not is_http_url(link) or not _host_allowed(link, allowed):
                     continue
                 seen.add(link)
                 queue.append((link, depth + 1))
 
+    # most frequent first, then by name: the same crawl lists them in the same order
+    counts["page_error_reasons"] = dict(sorted(error_reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     write_candidates(
         rows_frame(rows), out_dir, counts=counts, empty_key="empty_alt", queries=queries, query_cap=query_cap
     )

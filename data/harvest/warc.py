@@ -15,7 +15,7 @@ from data.harvest.html import (
     MAX_PAGE_BYTES,
     page_rows,
     parse_content_type,
-    parse_html,
+    parse_page,
     resolve_url,
 )
 
@@ -59,13 +59,16 @@ def harvest_warc(
     Each `response` record with HTTP status 200 and a content type in
     `allowed_content_types` is parsed like a crawled page: image URLs resolve against the
     record's WARC-Target-URI and the page's <base href>, and source is the target URI.
-    Other record types (request, warcinfo, metadata, revisit, ...) are only counted.
+    Pages are decoded and tokenized by `data.harvest.html.parse_page`: a record whose charset
+    label is bogus (`undefined`, `idna`, unknown, ...) is read as UTF-8 and counted (bad_charset),
+    one whose markup outruns the parse budget keeps what was read (parse_budget_exceeded); neither
+    stops the harvest. Other record types (request, warcinfo, metadata, revisit, ...) are only counted.
     A missing file is a FileNotFoundError (all are checked before any is read); a file
     that is not a WARC (ARC files included), or breaks off into garbage, a ValueError naming
     it (found while reading; a WARC truncated at a record boundary is not detectable). Returns
-    counts: files, records, responses, non_200, non_html, html_responses, img_tags,
-    empty_alt, non_http_img, duplicate_candidates, candidates (+ the balancing counts
-    with `queries`).
+    counts: files, records, responses, non_200, non_html, html_responses, bad_charset,
+    parse_budget_exceeded, img_tags, empty_alt, non_http_img, duplicate_candidates, candidates
+    (+ the balancing counts with `queries`).
     """
     files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not files:
@@ -76,7 +79,7 @@ def harvest_warc(
     wanted = {t.lower() for t in allowed_content_types}
     counts: dict[str, Any] = dict(
         files=len(files), records=0, responses=0, non_200=0, non_html=0, html_responses=0,
-        img_tags=0, empty_alt=0, non_http_img=0,
+        bad_charset=0, parse_budget_exceeded=0, img_tags=0, empty_alt=0, non_http_img=0,
     )  # fmt: skip
     rows: list[tuple[str, str, str]] = []
     for f in files:
@@ -101,7 +104,7 @@ def harvest_warc(
                 continue
             counts["html_responses"] += 1
             body = record.content_stream().read(MAX_PAGE_BYTES)  # de-chunked and decompressed by warcio
-            rows.extend(page_rows(parse_html(body, charset or "utf-8"), page, counts))
+            rows.extend(page_rows(parse_page(body, charset, counts), page, counts))
 
     write_candidates(
         rows_frame(rows), out_dir, counts=counts, empty_key="empty_alt", queries=queries, query_cap=query_cap
