@@ -3,7 +3,10 @@ import of OpenAI's released CLIP checkpoints (ViT and ModifiedResNet).
 
 Both keep OpenAI's parameter names, so an OpenAI state_dict loads without renaming.
 Training state holds only tensors, numbers, strings, lists and dicts, so it loads with
-``torch.load(weights_only=True)`` (no arbitrary unpickling).
+``torch.load(weights_only=True)`` (no arbitrary unpickling; refused on a torch older than 2.6,
+whose weights_only mode could be bypassed). Nothing here runs code a checkpoint carries unless the
+caller says so: OpenAI's TorchScript archives are read by a weights-only reader that never compiles
+or runs their code, and torch.jit.load is used only with ``allow_code=True``.
 
 ``save_model`` writes the same bytes for the same weights (no time, path or version in the
 safetensors metadata), so two equal trainings can be compared by file hash. Files the training
@@ -13,6 +16,8 @@ any moment see the old file or the new one, never a mix.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import re
@@ -123,8 +128,10 @@ def load_newest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]]
     """The newest checkpoint that loads, as (path, state); None when there is none.
 
     A file that fails to load (disk trouble, a copy cut short) is reported and skipped in favour
-    of the one before it, rather than ending the run.
+    of the one before it, rather than ending the run. UnsafeTorchError on a torch older than
+    MIN_SAFE_TORCH (its weights_only unpickler is not safe; see `check_safe_torch`).
     """
+    check_safe_torch()
     for path in reversed(list_checkpoints(directory)):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
@@ -198,31 +205,291 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
-def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a TorchScript archive (OpenAI's ``*.pt`` releases) or a
-    torch.save file (loaded with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper
-    is unwrapped)."""
+# -----------------------------------------------------------------------------
+# Loading weights without running code
+#
+# torch.load(weights_only=True) restricts unpickling to tensors and plain containers, but it was
+# bypassable before torch 2.6 (CVE-2025-32434). A TorchScript archive is a program: torch.jit.load
+# compiles its code/ and runs it (a module's __setstate__ runs while loading), and PyTorch
+# documents no safe mode for it. So a TorchScript archive is read here by
+# `read_torchscript_weights`, which unpickles data.pkl with a closed list of globals and never
+# compiles or runs the code/ files (it only reads their ``__parameters__`` / ``__buffers__``
+# declarations, as text). torch.jit.load is used only when the caller allows code
+# (`read_openai_checkpoint(allow_code=True)`): for an archive that reader refuses.
+
+MIN_SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) is bypassable below this (CVE-2025-32434)
+
+
+class UnsafeTorchError(RuntimeError):
+    """The installed torch cannot load weights safely; one line."""
+
+
+class TorchScriptReadError(ValueError):
+    """A TorchScript archive holds something the weights-only reader does not read; one line."""
+
+
+class CodeRefused(ValueError):
+    """Reading the checkpoint would run code it carries, and the caller did not allow that; one line."""
+
+
+def check_safe_torch(version: str | None = None) -> None:
+    """Raise UnsafeTorchError when torch (``version``, default the installed one) is older than
+    MIN_SAFE_TORCH, whose ``weights_only=True`` unpickler can be made to run code."""
+    version = version or torch.__version__
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_SAFE_TORCH:
+        need = ".".join(map(str, MIN_SAFE_TORCH))
+        raise UnsafeTorchError(f"torch {version} cannot load checkpoints safely (torch.load weights_only=True "
+                               f"can run code before {need}, CVE-2025-32434); expected torch>={need}")
+
+
+_STORAGE_DTYPES = {
+    f"{name}Storage": dtype for name, dtype in (
+        ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16),
+        ("BFloat16", torch.bfloat16), ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16),
+        ("Char", torch.int8), ("Byte", torch.uint8), ("Bool", torch.bool),
+        ("ComplexFloat", torch.complex64), ("ComplexDouble", torch.complex128),
+    )
+}
+_CLASS_RE = re.compile(r"^class (\w+)\((\w+)\):")
+_DECL_RE = re.compile(r"^  (__parameters__|__buffers__) = (\[.*\])\s*$")
+
+
+@dataclasses.dataclass
+class _ScriptClass:
+    """What the code/ files declare about a TorchScript class (read as text, never run)."""
+
+    base: str
+    parameters: list[str] = dataclasses.field(default_factory=list)
+    buffers: list[str] = dataclasses.field(default_factory=list)
+    has_setstate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    """A storage of the archive (``data/<key>``) as the reader's persistent_load returns it; a pickle
+    cannot make one itself (no global names this class), so a tensor can only view the archive's bytes."""
+
+    dtype: torch.dtype
+    untyped: torch.UntypedStorage
+    key: str
+
+
+class _ScriptObject:
+    """An inert stand-in for a pickled ``__torch__`` object: its class name and attribute dict."""
+
+    qualname = ""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):  # written by the class's own __getstate__: only its code reads it
+            raise TorchScriptReadError(f"{self.qualname} keeps a custom state (its __setstate__ is code)")
+        self.state = state
+
+
+def _script_classes(zf: zipfile.ZipFile, prefix: str) -> dict[str, _ScriptClass]:
+    """{qualified name: declarations} from ``<prefix>code/**.py``: ``code/__torch__/a/b.py`` holding
+    ``class C(Module):`` is ``__torch__.a.b.C``."""
+    import ast
+
+    classes: dict[str, _ScriptClass] = {}
+    code = prefix + "code/"
+    for name in zf.namelist():
+        if not (name.startswith(code) and name.endswith(".py")):
+            continue
+        module = name[len(code):-len(".py")].replace("/", ".")
+        current: _ScriptClass | None = None
+        for line in zf.read(name).decode("utf-8", errors="replace").splitlines():
+            if m := _CLASS_RE.match(line):
+                current = classes[f"{module}.{m.group(1)}"] = _ScriptClass(base=m.group(2))
+            elif line and not line[0].isspace():
+                current = None  # a top-level function: not part of a class
+            elif current is not None and (m := _DECL_RE.match(line)):
+                names = ast.literal_eval(m.group(2))  # a literal list of strings; nothing is evaluated
+                if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                    raise TorchScriptReadError(f"{name}: unreadable {m.group(1)} declaration")
+                setattr(current, m.group(1).strip("_"), names)
+            elif current is not None and line.startswith("  def __setstate__("):
+                current.has_setstate = True
+    return classes
+
+
+def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
+                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 for the reader, which first checks that the view stays inside
+    its storage (Tensor.set_ does not: a crafted stride would read past it)."""
+    if not isinstance(storage, _Storage):
+        raise TorchScriptReadError(f"a tensor over a {type(storage).__name__}, not an archive storage")
+    dtype, untyped, key = storage.dtype, storage.untyped, storage.key
+    numbers = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else (None,)
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+            or len(size) != len(stride)):
+        raise TorchScriptReadError(f"tensor on storage {key}: malformed offset/size/stride")
+    if metadata:  # conjugate / negative views: never in a state_dict of weights
+        raise TorchScriptReadError(f"tensor on storage {key}: unsupported tensor metadata {sorted(metadata)}")
+    # requires_grad and backward hooks are dropped: weights are read detached, hooks never restored
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for n in size:
+        numel *= n
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else 0
+    if end * itemsize > untyped.nbytes():
+        raise TorchScriptReadError(f"tensor on storage {key} reaches past its {untyped.nbytes()} bytes")
+    return torch.empty((0,), dtype=dtype).set_(untyped, offset, tuple(size), tuple(stride))
+
+
+# globals a TorchScript data.pkl may name, each mapped to an inert stand-in (anything else is refused)
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+    ("torch.jit._pickle", "restore_type_tag"): lambda value, type_str: value,
+}
+
+
+def read_torchscript_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict of a TorchScript archive, as ``torch.jit.load(path).state_dict()`` gives it
+    (parameters and buffers of every module, tensors on the CPU), read without compiling or
+    running any of the archive's code.
+
+    ``data.pkl`` is unpickled with a closed list of globals: tensor rebuilding (bounds-checked), an
+    OrderedDict, TorchScript's list helpers, storage types, and the archive's own ``__torch__``
+    classes as inert attribute holders. Which attributes are parameters and buffers comes from the
+    ``__parameters__`` / ``__buffers__`` lines of the class definitions in ``code/`` (read as text).
+    Raises TorchScriptReadError (one line) for anything else: another global, a class with its own
+    ``__setstate__`` (code that torch.jit.load would run), quantized or sparse tensors, a big-endian
+    archive, a storage that is missing or too short."""
+    import pickle
+    import sys
+
+    path = Path(path)
+    with zipfile.ZipFile(path) as zf:
+        roots = [n[: -len("data.pkl")] for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(roots) != 1:
+            raise TorchScriptReadError(f"expected one <name>/data.pkl, found {len(roots)}")
+        prefix = roots[0]
+        names = set(zf.namelist())
+        if prefix + "byteorder" in names:
+            order = zf.read(prefix + "byteorder").decode(errors="replace").strip()
+            if order != sys.byteorder:
+                raise TorchScriptReadError(f"written {order}-endian, this machine is {sys.byteorder}-endian")
+        classes = _script_classes(zf, prefix)
+        holders: dict[str, type] = {}
+        storages: dict[str, _Storage] = {}
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if (module, name) in _SAFE_GLOBALS:
+                    return _SAFE_GLOBALS[(module, name)]
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    return _STORAGE_DTYPES[name]
+                qualname = f"{module}.{name}"
+                if module.split(".")[0] == "__torch__" and qualname in classes:
+                    if classes[qualname].has_setstate:
+                        raise TorchScriptReadError(f"its class {qualname} defines __setstate__, code torch.jit.load runs")
+                    if qualname not in holders:
+                        holders[qualname] = type(name, (_ScriptObject,), {"qualname": qualname})
+                    return holders[qualname]
+                raise TorchScriptReadError(f"data.pkl names {qualname}, which the weights-only reader does not load")
+
+            def persistent_load(self, pid: Any) -> Any:
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                        and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str)):
+                    raise TorchScriptReadError(f"unexpected persistent id {str(pid)[:80]}")
+                _, dtype, key, _location, numel = pid  # always read to the CPU
+                if key not in storages:
+                    entry = f"{prefix}data/{key}"
+                    if entry not in names:
+                        raise TorchScriptReadError(f"storage {key} is missing from the archive")
+                    raw = bytearray(zf.read(entry))
+                    itemsize = torch.empty((), dtype=dtype).element_size()
+                    if not isinstance(numel, int) or len(raw) < numel * itemsize:
+                        raise TorchScriptReadError(f"storage {key}: {len(raw)} bytes, fewer than announced")
+                    storages[key] = _Storage(dtype, torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8)
+                                             if raw else torch.UntypedStorage(0), key)
+                elif storages[key].dtype != dtype:
+                    raise TorchScriptReadError(f"storage {key} is read as two dtypes")
+                return storages[key]
+
+        with zf.open(prefix + "data.pkl") as fh:
+            try:
+                root = Reader(fh).load()
+            except TorchScriptReadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a malformed pickle is an unreadable archive
+                raise TorchScriptReadError(f"data.pkl: {type(e).__name__}: {str(e)[:120]}") from None
+
+    state: dict[str, torch.Tensor] = {}
+
+    def walk(obj: _ScriptObject, prefix: str, seen: frozenset[int]) -> None:
+        declared = classes[obj.qualname]
+        attrs = getattr(obj, "state", None)
+        if attrs is None or declared.base != "Module" or id(obj) in seen:
+            raise TorchScriptReadError(f"{obj.qualname} is not a module with attributes")
+        for name in (*declared.parameters, *declared.buffers):
+            value = attrs.get(name)
+            if value is None:  # an unset optional parameter: state_dict leaves it out
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TorchScriptReadError(f"{prefix}{name} is declared a parameter/buffer but is not a tensor")
+            state[prefix + name] = value
+        for name, value in attrs.items():
+            if isinstance(value, _ScriptObject) and classes[value.qualname].base == "Module":
+                walk(value, f"{prefix}{name}.", seen | {id(obj)})
+
+    if not isinstance(root, _ScriptObject):
+        raise TorchScriptReadError(f"data.pkl holds a {type(root).__name__}, not a module")
+    walk(root, "", frozenset())
+    return state
+
+
+def read_openai_checkpoint(path: str | Path, *, allow_code: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, how it was read) of a TorchScript archive (OpenAI's ``*.pt`` releases) or a
+    torch.save file; a ``{"state_dict": ...}`` wrapper is unwrapped.
+
+    How: ``"torch.load(weights_only=True)"`` for a torch.save file; ``"torchscript weights-only"``
+    for a TorchScript archive `read_torchscript_weights` reads; ``"torch.jit.load"`` for one it
+    refuses, only when ``allow_code`` (the caller vouches for the file: it is pinned by hash, or
+    trusted). Otherwise such an archive raises CodeRefused. UnsafeTorchError on a torch older
+    than MIN_SAFE_TORCH."""
+    check_safe_torch()
     path = Path(path)
     if _is_torchscript_archive(path):
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        try:
+            return read_torchscript_weights(path), "torchscript weights-only"
+        except TorchScriptReadError as e:
+            if not allow_code:
+                raise CodeRefused(f"a TorchScript archive the weights-only reader cannot read ({e}); "
+                                  "torch.jit.load would run its code") from None
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "torch.jit.load"
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state_dict, got {type(obj).__name__}")
-    return dict(obj)
+    return dict(obj), "torch.load(weights_only=True)"
 
 
-def load_openai_state_dict(sd_or_path: Mapping[str, torch.Tensor] | str | Path) -> CLIP:
+def read_openai_state_dict(path: str | Path, *, allow_code: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict of `read_openai_checkpoint` (a TorchScript archive is read without running its
+    code; torch.jit.load only with ``allow_code``)."""
+    return read_openai_checkpoint(path, allow_code=allow_code)[0]
+
+
+def load_openai_state_dict(sd_or_path: Mapping[str, torch.Tensor] | str | Path, *,
+                           allow_code: bool = False) -> CLIP:
     """Build a CLIP (quick_gelu, fp32, eval mode) from an OpenAI-layout checkpoint.
 
-    Accepts a state_dict, a torch.save file, or a TorchScript archive. The metadata keys
+    Accepts a state_dict, a torch.save file, or a TorchScript archive (`read_openai_checkpoint`:
+    read without running its code; ``allow_code`` permits torch.jit.load). The metadata keys
     ``input_resolution`` / ``context_length`` / ``vocab_size`` are dropped, a ``module.``
     prefix (DDP) is stripped, floating tensors are cast to fp32, and loading is strict.
     Tensors that are already fp32 CPU tensors are used in place (not copied).
     """
     if isinstance(sd_or_path, (str, os.PathLike)):
-        sd: Mapping[str, Any] = read_openai_state_dict(sd_or_path)
+        sd: Mapping[str, Any] = read_openai_state_dict(sd_or_path, allow_code=allow_code)
     else:
         sd = sd_or_path
     state: dict[str, torch.Tensor] = {}

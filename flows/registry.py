@@ -48,10 +48,37 @@ MODEL_FILES = ("model.safetensors", "config.json")
 DEFAULT_TEMPLATES = ("{c}", "a photo of {c}.", "an image of {c}.")
 
 
+# A string that names a file or a URL rather than carrying an image, for the error message only: no
+# string is ever opened, whatever it looks like. (A short one starting with "/" is a path; base64 of an
+# image, which may start with "/" too -- a JPEG's does --, is longer.)
+_PATH_OR_URL_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:|~|\.\.?[/\\]|[A-Za-z]:[\\/]|\\\\)"
+                             r"|\.(?:png|jpe?g|gif|bmp|webp|tiff?)$", re.IGNORECASE)
+_DATA_URI_RE = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
+
+
+def _bad_image(row: int, text: str | None, why: str) -> Exception:
+    """The 400 answer (`mlflow models serve` maps INVALID_PARAMETER_VALUE to HTTP 400) for an unusable image:
+    one line naming the row, what was wrong (a path or URL, when the string looks like one) and what is
+    expected."""
+    got = ""
+    if text is not None:
+        t = text.strip()
+        if t[:5].lower() != "data:" and (_PATH_OR_URL_RE.search(t) or (t.startswith("/") and len(t) < 256)):
+            why = "a path or URL, which the served model never opens"
+        got = f" ({t if len(t) <= 60 else t[:57] + '...'!r})"
+    return mlflow.exceptions.MlflowException.invalid_parameter_value(
+        f"image in row {row}: {why}{got}; expected the image itself as raw bytes, base64 text or a "
+        "data:image/...;base64, URI")
+
+
 class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
-    """pyfunc zero-shot classifier. Input: a DataFrame with `image` (a file path, raw bytes, or base64 text,
-    optionally as a ``data:image/...;base64,`` URI -- what a REST client sends) and `labels` (a list of
-    candidate labels, or one comma-separated string). Output: `label`, `score`, `scores`."""
+    """pyfunc zero-shot classifier. Input: a DataFrame with `image` and `labels`. `image` is the image
+    itself: raw bytes, base64 text, or a ``data:image/...;base64,`` URI (what a REST client sends). It is
+    never a path or a URL: the model is served to whoever can reach `mlflow models serve`, and reading a
+    file the request names would hand out the server's files. Anything else (a path, a ``file:`` or
+    http URL, text that is not base64 of an image) is refused with an MlflowException whose error code,
+    INVALID_PARAMETER_VALUE, the scoring server answers as HTTP 400. `labels` is a list of candidate
+    labels, or one comma-separated string. Output: `label`, `score`, `scores`."""
 
     def load_context(self, context) -> None:
         from clip.checkpoint import load_model
@@ -65,19 +92,35 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
         templates_path = model_dir / "templates.json"
         self.templates = json.loads(templates_path.read_text()) if templates_path.is_file() else list(DEFAULT_TEMPLATES)
 
-    def _load_image(self, item):
+    @staticmethod
+    def _load_image(item: Any, row: int = 0):
+        """A PIL RGB image from the request's bytes (see the class docstring); never opens a path."""
+        import binascii
         import io
 
         from PIL import Image
 
-        if isinstance(item, (bytes, bytearray)):
-            return Image.open(io.BytesIO(item)).convert("RGB")
-        text = str(item)
-        if text.startswith("data:") and ";base64," in text:
-            text = text.split(";base64,", 1)[1]
-        elif Path(text).is_file() or len(text) < 64:
-            return Image.open(text).convert("RGB")  # a path (a short string is never an image's base64)
-        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+        text = None
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            data = bytes(item)
+        elif isinstance(item, str):
+            text = item
+            payload = item.strip()
+            if payload[:5].lower() == "data:":
+                if not _DATA_URI_RE.match(payload):
+                    raise _bad_image(row, text, "a data: URI that is not base64")
+                payload = payload.split(",", 1)[1]
+            try:
+                data = base64.b64decode("".join(payload.split()), validate=True)  # (line breaks are fine)
+            except (binascii.Error, ValueError):
+                raise _bad_image(row, text, "not base64") from None
+        else:
+            raise _bad_image(row, None, f"a value of type {type(item).__name__}")
+        try:
+            image = Image.open(io.BytesIO(data))
+            return image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder failure (PIL raises several kinds) is the request's
+            raise _bad_image(row, text, f"not a readable image ({type(e).__name__})") from None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
@@ -86,7 +129,7 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
 
         rows = []
         classifiers: dict[tuple[str, ...], torch.Tensor] = {}
-        for _, row in model_input.iterrows():
+        for i, (_, row) in enumerate(model_input.iterrows()):
             labels = row["labels"]
             if isinstance(labels, str):
                 labels = [s.strip() for s in labels.split(",") if s.strip()]
@@ -96,7 +139,7 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
                     self.model, self.tokenizer, list(labels), self.templates,
                     context_length=self.model.config.text.context_length, device="cpu",
                 )  # fmt: skip
-            image = self.transform(self._load_image(row["image"])).unsqueeze(0)
+            image = self.transform(self._load_image(row["image"], i)).unsqueeze(0)
             with torch.no_grad():
                 logits = zeroshot_logits(self.model, image, classifiers[labels], scale=None)  # learned temperature
                 probs = logits.softmax(dim=-1)[0]

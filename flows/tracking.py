@@ -4,6 +4,10 @@ takes `DEFAULT_TRACKING_URI` from here) stays light.
 
 MLflow's active run is thread-local and Prefect may run code in other threads, so everything here takes
 the run id explicitly and talks to the store through `MlflowClient`.
+
+Param values go through `param_value`: URLs in them (harvest.seed_url, harvest.urls, ...) are shown with
+credentials and secret query parameters redacted (`data.common.urls.redact_urls`), and cut to MLflow's
+6000 characters.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ def sqlite_db_path(uri: str) -> Path | None:
         return None
     db = uri[len(prefix):].split("?", 1)[0]
     return Path(db) if db and db != ":memory:" else None
+
+
+def param_value(value: Any) -> str:
+    """How a config value is logged as an MLflow param: text, URLs redacted, at most 6000 characters."""
+    from data.common.urls import redact_urls
+
+    return redact_urls(str(value))[:6000]
 
 
 def _client(uri: str) -> Any:
@@ -105,7 +116,7 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
     run = client.create_run(
         exp_id, run_name=run_name, tags={"witclip.run_name": run_name, "witclip.config_hash": config_hash}
     )
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps params per batch call
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
@@ -144,7 +155,7 @@ def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str
     child = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{stage}", tags=tags)
     run_id = child.info.run_id
     flat = flatten_params(manifest.get("config", {}))
-    params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    params = [Param(k, param_value(v)) for k, v in flat.items()]
     now = int(time.time() * 1000)
     numbers = {**manifest.get("counts", {}), "seconds": manifest.get("seconds", 0.0) if status == "ran" else 0.0}
     metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items()
@@ -152,7 +163,10 @@ def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow caps items per batch call
         client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
     if manifest_path is not None:  # none for a failed stage: it wrote no manifest
-        client.log_artifact(run_id, str(manifest_path))
+        from data.common.urls import redact_urls
+
+        # the run's copy: a seed URL or URL list with a token in it stays on this machine
+        client.log_text(run_id, redact_urls(manifest_path.read_text()), manifest_path.name)
     client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
     return run_id
 

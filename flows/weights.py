@@ -8,6 +8,18 @@ MLflow as the same pyfunc the pipeline registers (`flows.registry.log_clip_model
 version of the registered model (`witclip` by default) tagged with its lineage, and the alias `baseline`
 is pointed at it (moved if another version held it). `champion` belongs to the pipeline's promotion
 gate and is never set or moved here.
+
+Importing never runs code the checkpoint carries unless the user vouches for the file. A torch.save file
+is read with ``torch.load(weights_only=True)``; a TorchScript archive (a program: PyTorch documents no safe
+mode for torch.jit.load) is read by `clip.checkpoint.read_torchscript_weights`, which never compiles or
+runs its code. Only an archive that reader refuses (one whose classes carry their own ``__setstate__``,
+or other content it does not know) goes to torch.jit.load, and only when its sha256 is pinned (and
+matches) or ``trust_code`` (``--trust-code``) is given; otherwise it is refused with one line.
+
+A pin is ``sha256`` (``--sha256``) or, for an OpenAI-style URL, the hash in its path
+(`data.acquire.weights.pinned_sha256_from_url`); two that differ are an error. A pin is checked before
+anything is loaded (a download: before the file is renamed into place, and over any digest the server
+publishes). Whatever reaches MLflow or a message shows a URL through `data.common.urls.redact_url`.
 """
 
 from __future__ import annotations
@@ -18,24 +30,43 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from data.acquire.weights import is_url
+from data.acquire.weights import is_url, pinned_sha256_from_url
 from data.common.files import atomic_write_json, sha256_file
+from data.common.urls import redact_url
 from flows.errors import UserError
 
 DEFAULT_IMPORTS_DIR = Path("runs") / "imports"  # downloads and converted model directories
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-def fetch(source: str, downloads: Path, *, what: str, progress: bool = True) -> Path:
+def fetch(source: str, downloads: Path, *, what: str, progress: bool = True, sha256: str | None = None) -> Path:
     """`data.acquire.weights.fetch_model_file`, its one-line failure as a UserError."""
     from data.acquire.weights import ModelFileError, fetch_model_file
 
     try:
-        return fetch_model_file(source, downloads, what=what, progress=progress)
+        return fetch_model_file(source, downloads, what=what, progress=progress, sha256=sha256)
     except ModelFileError as err:
         raise UserError(str(err)) from None
+
+
+def resolve_pin(source: str, sha256: str | None) -> tuple[str | None, str]:
+    """(the sha256 the checkpoint must have, where the pin came from: "argument", "url" or "none").
+
+    ``sha256`` is the caller's (--sha256); an OpenAI-style URL names one in its path. Both given and
+    different is a UserError naming both."""
+    if sha256 is not None and not _SHA256_RE.match(sha256.strip()):
+        raise UserError(f"--sha256 {sha256!r}: expected 64 hex digits (the checkpoint's sha256)")
+    pin = sha256.strip().lower() if sha256 is not None else None
+    named = pinned_sha256_from_url(source)
+    if pin is not None and named is not None and named != pin:
+        raise UserError(f"--sha256 {pin} differs from the sha256 {named} the URL {redact_url(source)} names; "
+                        "expected the same digest (or a URL without one)")
+    if pin is not None:
+        return pin, "argument"
+    return (named, "url") if named is not None else (None, "none")
 
 
 # ----------------------------------------------------------------------------- tokenizer vocab
@@ -98,21 +129,33 @@ def bundled_config_name(cfg) -> str | None:
     return None
 
 
-def _convert(path: Path, label: str):
-    """(model, source dtype) from an OpenAI-format checkpoint file; one-line UserError otherwise."""
+def _convert(path: Path, label: str, *, allow_code: bool):
+    """(model, source dtype, how it was read) from an OpenAI-format checkpoint file; one-line UserError
+    otherwise. ``allow_code``: a TorchScript archive the weights-only reader refuses may go to
+    torch.jit.load (the caller pinned or trusts the file)."""
     import torch
 
-    from clip.checkpoint import load_openai_state_dict, read_openai_state_dict
+    from clip.checkpoint import (
+        CodeRefused,
+        UnsafeTorchError,
+        load_openai_state_dict,
+        read_openai_checkpoint,
+    )
 
     try:
-        sd = read_openai_state_dict(path)
+        sd, how = read_openai_checkpoint(path, allow_code=allow_code)
         dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()
                          if isinstance(v, torch.Tensor) and v.is_floating_point()})
         model = load_openai_state_dict(sd)
+    except UnsafeTorchError as e:
+        raise UserError(str(e)) from None
+    except CodeRefused as e:
+        raise UserError(f"checkpoint {label}: {e}; pin it with --sha256 HEX (the digest its publisher gives) "
+                        "or pass --trust-code if you trust the file") from None
     except Exception as e:  # noqa: BLE001 - anything unreadable or mismatched is the input's fault
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{label}: not an OpenAI-format CLIP checkpoint ({type(e).__name__}: {first})") from None
-    return model, ",".join(dtypes) or "none"
+    return model, ",".join(dtypes) or "none", how
 
 
 def _check_alias(alias: str) -> None:
@@ -133,11 +176,17 @@ def import_weights(
     out_dir: Path,
     experiment: str = "witclip",
     progress: bool = True,
+    sha256: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Fetch, convert, log and register an OpenAI-format CLIP checkpoint; point `alias` at the new version.
 
-    Returns {version, model_uri, sha256, config, alias, run_id, model_dir, source_dtype}. `config` is
-    the name of the bundled config the weights match (e.g. "ViT-B-32"), or None.
+    ``sha256`` pins the checkpoint's digest (an OpenAI-style URL pins it too, `resolve_pin`); it is checked
+    before anything is loaded. ``trust_code`` lets a TorchScript archive the weights-only reader refuses
+    run under torch.jit.load without a pin (see the module docstring).
+
+    Returns {version, model_uri, sha256, config, alias, run_id, model_dir, source_dtype, loaded_with}.
+    `config` is the name of the bundled config the weights match (e.g. "ViT-B-32"), or None.
     """
     from mlflow.tracking import MlflowClient
 
@@ -146,18 +195,24 @@ def import_weights(
     from flows.tracking import check_tracking_uri
 
     _check_alias(alias)
+    pin, pinned_by = resolve_pin(source, sha256)
     check_tracking_uri(tracking_uri)
     out_dir = Path(out_dir)
+    shown = redact_url(source)
     vocab_source = _locate_vocab(vocab)  # before any download: a missing vocab fails at once
+    vocab_shown = redact_url(vocab_source)
     vocab_path = fetch(vocab_source, out_dir / "downloads", what="vocab", progress=progress)
-    ckpt_path = fetch(source, out_dir / "downloads", what="checkpoint", progress=progress)
+    # a pinned download is checked before it is renamed into place (data.acquire.download)
+    ckpt_path = fetch(source, out_dir / "downloads", what="checkpoint", progress=progress, sha256=pin)
 
     sha = sha256_file(ckpt_path)
-    model, source_dtype = _convert(ckpt_path, source)
-    tokenizer, vocab_name = _load_vocab(vocab_path, vocab_source)
+    if pin is not None and sha != pin:  # a local file (or a cached download) checked before anything loads it
+        raise UserError(f"checkpoint {shown}: sha256 {sha} does not match the pinned {pin}; nothing was loaded")
+    model, source_dtype, loaded_with = _convert(ckpt_path, shown, allow_code=pin is not None or trust_code)
+    tokenizer, vocab_name = _load_vocab(vocab_path, vocab_shown)
     model_vocab = model.config.text.vocab_size
     if tokenizer.vocab_size > model_vocab:
-        raise UserError(f"vocab {vocab_source}: {tokenizer.vocab_size} token ids, but the checkpoint's text "
+        raise UserError(f"vocab {vocab_shown}: {tokenizer.vocab_size} token ids, but the checkpoint's text "
                         f"tower has {model_vocab}; pass --vocab with the tokenizer it was trained with")
     config_name = bundled_config_name(model.config)
 
@@ -169,8 +224,10 @@ def import_weights(
     del model
 
     lineage = {
-        "source": source if is_url(source) else sha,
+        "source": shown if is_url(source) else sha,  # credentials and signed tokens never reach MLflow
         "source_sha256": sha,
+        "sha256_pin": pinned_by,  # argument (--sha256), url (an OpenAI-style URL) or none
+        "loaded_with": loaded_with,
         "imported_from": IMPORTED_FROM,
         "source_dtype": source_dtype,
         "tokenizer": vocab_name,
@@ -188,7 +245,7 @@ def import_weights(
                             tags={"witclip.import": "1", **{f"witclip.{k}": v for k, v in lineage.items()}})
     run_id = run.info.run_id
     try:
-        client.log_param(run_id, "source", source[:6000])
+        client.log_param(run_id, "source", shown[:6000])
         client.log_artifact(run_id, str(model_dir.parent / f"{sha[:16]}.import.json"), artifact_path="import")
         version = log_clip_model(model_dir=model_dir, run_id=run_id, tracking_uri=tracking_uri, model_name=name)
     except BaseException:
@@ -206,4 +263,5 @@ def import_weights(
         "run_id": run_id,
         "model_dir": str(model_dir),
         "source_dtype": source_dtype,
+        "loaded_with": loaded_with,
     }

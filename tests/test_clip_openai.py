@@ -6,13 +6,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from support.torchscript import save_code_running_archive, scripted_holder
 
 import clip
-from clip.checkpoint import config_from_state_dict, load_openai_state_dict
+from clip.checkpoint import (
+    CodeRefused,
+    TorchScriptReadError,
+    UnsafeTorchError,
+    check_safe_torch,
+    config_from_state_dict,
+    load_openai_state_dict,
+    read_openai_checkpoint,
+    read_torchscript_weights,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -143,34 +154,175 @@ def test_load_plain_fp16_and_torch_save(tmp_path):
         load_openai_state_dict({**sd, "visual.bogus": torch.zeros(1)})
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _scripted_holder(sd: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
-    """A scripted module tree whose state_dict has exactly ``sd``'s keys."""
-    root = _Holder()
-    for key, value in sd.items():
-        *path, leaf = key.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, _Holder())
-            mod = getattr(mod, part)
-        if value.is_floating_point():
-            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:  # OpenAI's integer entries (input_resolution, context_length, vocab_size)
-            mod.register_buffer(leaf, value.clone())
-    return torch.jit.script(root)
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_load_torchscript_archive(tmp_path):
     half = {k: v.half() for k, v in _tiny_openai_state().items()}
     path = tmp_path / "openai-style.pt"
-    torch.jit.save(_scripted_holder(half), str(path))
+    torch.jit.save(scripted_holder(half), str(path))
     _assert_state_equal(load_openai_state_dict(path), half)
+
+
+class _Mixed(nn.Module):
+    """Parameters (one fp16, one a strided view), a buffer, a plain tensor attribute that is not state,
+    an unset optional parameter (MultiheadAttention's bias_k) and a ModuleList."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("ctx", torch.tensor(7))
+        self.attn_mask = torch.ones(2, 2)  # an attribute, not a buffer: not in the state_dict
+        self.mha = nn.MultiheadAttention(4, 1)
+        self.blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+        self.hp = nn.Parameter(torch.randn(3).half())
+        self.view = nn.Parameter(torch.randn(4, 4)[:, 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.attn_mask.sum()
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(ref)
+    for k, v in ref.items():
+        assert (got[k].dtype, got[k].shape, got[k].stride()) == (v.dtype, v.shape, v.stride()), k
+        assert torch.equal(got[k], v), k
+
+
+def _no_jit_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_weights_only_reader_matches_jit_load(tmp_path, monkeypatch):
+    """The reader gives torch.jit.load's state_dict (keys, order, dtypes, strides, values) for scripted
+    and traced archives, ViT and ModifiedResNet (BatchNorm buffers), fp32 and fp16, without calling it."""
+    torch.manual_seed(0)
+    vit = clip.create_model(_as_openai(clip.get_config("tiny"))).eval()
+    size, ctx = vit.config.vision.image_size, vit.config.text.context_length
+    rn = clip.create_model("RN50", image_size=64, vision_width=16, vision_layers=[1, 1, 1, 1], vision_heads=4,
+                           embed_dim=32, text_width=64, text_heads=2, text_layers=1, vocab_size=100,
+                           context_length=8).eval()
+    archives = {
+        "mixed": torch.jit.script(_Mixed()),
+        "vit": torch.jit.trace(vit, (torch.randn(1, 3, size, size), torch.randint(1, 100, (1, ctx))),
+                               check_trace=False),
+        "rn": torch.jit.trace(rn, (torch.randn(1, 3, 64, 64), torch.randint(1, 100, (1, 8))), check_trace=False),
+    }
+    for name, module in archives.items():
+        torch.jit.save(module, str(tmp_path / f"{name}.pt"))
+    torch.jit.save(torch.jit.load(str(tmp_path / "rn.pt")).half(), str(tmp_path / "rn-fp16.pt"))
+    refs = {name: torch.jit.load(str(tmp_path / f"{name}.pt")).state_dict() for name in [*archives, "rn-fp16"]}
+    assert "attn_mask" not in refs["mixed"] and "mha.bias_k" not in refs["mixed"]
+    _no_jit_load(monkeypatch)
+    for name, ref in refs.items():
+        _assert_same_state(read_torchscript_weights(tmp_path / f"{name}.pt"), ref)
+    got, how = read_openai_checkpoint(tmp_path / "vit.pt")
+    assert how == "torchscript weights-only"
+    _assert_same_state(load_openai_state_dict(tmp_path / "rn.pt").state_dict(), rn.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_code_running_archive_needs_allow_code(tmp_path, monkeypatch):
+    sd = _tiny_openai_state()
+    path = tmp_path / "setstate.pt"
+    save_code_running_archive(sd, path)
+    assert torch.jit.load(str(path)).guard.loads == 1  # torch.jit.load does run its __setstate__
+    with monkeypatch.context() as m:
+        _no_jit_load(m)
+        with pytest.raises(TorchScriptReadError, match="__setstate__"):
+            read_torchscript_weights(path)
+        with pytest.raises(CodeRefused, match="torch.jit.load would run its code") as err:
+            load_openai_state_dict(path)
+        assert "\n" not in str(err.value)
+    got, how = read_openai_checkpoint(path, allow_code=True)
+    assert how == "torch.jit.load" and set(got) == set(sd)
+    _assert_state_equal(load_openai_state_dict(path, allow_code=True), sd)
+
+
+def _rewrite_data_pkl(src: Path, dst: Path, payload: bytes, drop: tuple[str, ...] = ()) -> None:
+    """A copy of archive `src` whose data.pkl is `payload` (and without the entries in `drop`)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename.endswith(drop):
+                continue
+            data = payload if info.filename.endswith("/data.pkl") else zin.read(info.filename)
+            zout.writestr(info, data)
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _StoragePickler:
+    """Pickles a tensor rebuild over archive storage "0" with any offset/size/stride."""
+
+    @staticmethod
+    def dumps(offset: int, size: tuple, stride: tuple) -> bytes:
+        import collections
+        import io
+        import pickle
+
+        marker = object()
+
+        class P(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", 4) if obj is marker else None
+
+        class Rebuild:
+            def __reduce__(self):
+                return (torch._utils._rebuild_tensor_v2, (marker, offset, size, stride, False,
+                                                          collections.OrderedDict()))
+
+        buf = io.BytesIO()
+        P(buf, protocol=2).dump(Rebuild())
+        return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reader_refuses_what_it_does_not_know(tmp_path):
+    import pickle
+
+    good = tmp_path / "good.pt"
+    torch.jit.save(scripted_holder({"w": torch.arange(4, dtype=torch.float32)}), str(good))
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    _rewrite_data_pkl(good, evil, pickle.dumps(_RunsShell(marker), protocol=2))
+    with pytest.raises(TorchScriptReadError, match="posix.system|os.system"):
+        read_torchscript_weights(evil)
+    with pytest.raises(CodeRefused):
+        read_openai_checkpoint(evil)
+    assert not marker.exists()
+
+    inside = tmp_path / "inside.pt"
+    _rewrite_data_pkl(good, inside, _StoragePickler.dumps(1, (3,), (1,)))  # elements 1..3 of 4: fine
+    with pytest.raises(TorchScriptReadError, match="not a module"):  # (a bare tensor is no module)
+        read_torchscript_weights(inside)
+    past = tmp_path / "past.pt"
+    _rewrite_data_pkl(good, past, _StoragePickler.dumps(1, (2, 2), (3, 1)))  # would read element 5 of 4
+    with pytest.raises(TorchScriptReadError, match="reaches past"):
+        read_torchscript_weights(past)
+    short = tmp_path / "short.pt"
+    _rewrite_data_pkl(good, short, _StoragePickler.dumps(0, (4,), (1,)), drop=("/data/0",))
+    with pytest.raises(TorchScriptReadError, match="missing"):
+        read_torchscript_weights(short)
+
+
+def test_old_torch_is_refused():
+    check_safe_torch("2.6.0")
+    check_safe_torch("2.14.1+cu130")
+    for old in ("2.5.1", "1.13.1+cpu", "not-a-version"):
+        with pytest.raises(UnsafeTorchError, match=r"expected torch>=2\.6") as err:
+            check_safe_torch(old)
+        assert "CVE-2025-32434" in str(err.value) and "\n" not in str(err.value)
 
 
 # -----------------------------------------------------------------------------

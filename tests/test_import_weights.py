@@ -1,21 +1,30 @@
 """`witclip import-weights`: OpenAI-format checkpoints (TorchScript archive, fp16 torch.save state_dict)
 served from a loopback HTTP server, converted, logged and registered with alias `baseline`; loaded back
 through `data.eval.suite.load_model_for_eval` and the pyfunc with the same embeddings; champion untouched;
-the model-directory tokenizer convention; one-line errors."""
+the model-directory tokenizer convention; one-line errors.
+
+Artifacts that cannot run code: a TorchScript archive is read without torch.jit.load; one whose loading
+would run code (a class with its own __setstate__) is refused unless pinned by sha256 (--sha256, or the
+hash in an OpenAI-style URL) or --trust-code is given; a pin is checked before anything loads and wins
+over a digest the server publishes; URLs reach MLflow and messages redacted."""
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import http.server
 import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
 import torch
-from test_clip_openai import _few_threads, _scripted_holder  # noqa: E402,F401  (tests/ is on sys.path; the autouse fixture applies here too)
+from support.torchscript import save_code_running_archive, scripted_holder
+from test_clip_openai import _few_threads  # noqa: E402,F401  (tests/ is on sys.path; the autouse fixture applies here too)
 
 import clip
 from clip.tokenizer import (
@@ -62,7 +71,7 @@ def _small_openai_model() -> clip.CLIP:
 def _torchscript_archive(sd: dict[str, torch.Tensor], path: Path) -> None:
     """A TorchScript archive whose state_dict has exactly `sd`'s keys (as OpenAI's releases, which also
     carry the input_resolution / context_length / vocab_size entries)."""
-    torch.jit.save(_scripted_holder(sd), str(path))
+    torch.jit.save(scripted_holder(sd), str(path))
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +83,18 @@ def sources(tmp_path_factory):
     extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(CONTEXT),
               "vocab_size": torch.tensor(49408)}
     _torchscript_archive({**sd, **extras}, d / "ViT-small.pt")
+    save_code_running_archive({**sd, **extras}, d / "ViT-small-code.pt")  # loading it runs its __setstate__
+    code_sha = hashlib.sha256((d / "ViT-small-code.pt").read_bytes()).hexdigest()
+    # OpenAI-style URLs: .../<sha256>/<name>.pt, with the right hash and with a wrong one
+    for digest in (code_sha, WRONG_SHA):
+        (d / digest).mkdir()
+        (d / digest / "ViT-small-code.pt").write_bytes((d / "ViT-small-code.pt").read_bytes())
     half = {k: v.half() for k, v in sd.items()}
     torch.save(half, d / "ViT-small-fp16.pt")
     with torch.device("meta"):
         rounded = clip.CLIP(model.config)  # what an fp16 checkpoint can hold, in fp32
     rounded.load_state_dict({k: v.float() for k, v in half.items()}, strict=True, assign=True)
-    return {"dir": d, "model": model, "rounded": rounded.eval()}
+    return {"dir": d, "model": model, "rounded": rounded.eval(), "code_sha": code_sha}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +112,24 @@ def server(sources):
         thread.join(5)
 
 
+WRONG_SHA = "0" * 64
+GETS: list[str] = []  # the paths the server was asked to GET, in order
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the directory; ``?linked=<hex>`` makes it publish that sha256 as Hugging Face does
+    (X-Linked-Etag); GETs are noted in GETS."""
+
+    def do_GET(self) -> None:
+        GETS.append(self.path)
+        super().do_GET()
+
+    def end_headers(self) -> None:
+        linked = parse_qs(urlsplit(self.path).query).get("linked")
+        if linked:
+            self.send_header("X-Linked-Etag", f'"{linked[0]}"')
+        super().end_headers()
+
     def log_message(self, *args) -> None:
         pass
 
@@ -121,13 +153,24 @@ def imported(sources, server, tmp_path_factory):
     uri = _store(root)
     common = dict(tracking_uri=uri, out_dir=root / "imports", progress=False)
     t0 = time.monotonic()
-    first = import_weights(f"{server}/ViT-small.pt", **common)
+    with pytest.MonkeyPatch.context() as m:  # neither checkpoint needs it: no code runs
+        _no_jit_load(m)
+        first = import_weights(f"{server}/ViT-small.pt", **common)
     client = MlflowClient(tracking_uri=uri)
     assert str(client.get_model_version_by_alias("witclip", "baseline").version) == str(first["version"])
     client.set_registered_model_alias("witclip", "champion", str(first["version"]))
-    second = import_weights(f"{server}/ViT-small-fp16.pt", **common)
+    with pytest.MonkeyPatch.context() as m:
+        _no_jit_load(m)
+        second = import_weights(f"{server}/ViT-small-fp16.pt", **common)
     return {"uri": uri, "client": client, "first": first, "second": second, "root": root,
             "seconds": time.monotonic() - t0}
+
+
+def _no_jit_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
 
 
 def _embeddings(model: clip.CLIP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,9 +199,8 @@ def test_versions_aliases_and_lineage(imported, sources, server):
     aliases = client.get_registered_model("witclip").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"baseline": "2", "champion": "1"}
 
-    import hashlib
-
-    for result, fname, dtype in ((first, "ViT-small.pt", "float32"), (second, "ViT-small-fp16.pt", "float16")):
+    for result, fname, dtype, how in ((first, "ViT-small.pt", "float32", "torchscript weights-only"),
+                                      (second, "ViT-small-fp16.pt", "float16", "torch.load(weights_only=True)")):
         sha = hashlib.sha256((sources["dir"] / fname).read_bytes()).hexdigest()
         assert result["sha256"] == sha and result["config"] is None  # no bundled config is this small
         tags = client.get_model_version("witclip", str(result["version"])).tags
@@ -166,6 +208,7 @@ def test_versions_aliases_and_lineage(imported, sources, server):
         assert tags["source_sha256"] == sha
         assert tags["imported_from"] == "openai-format"
         assert tags["source_dtype"] == dtype
+        assert (tags["loaded_with"], tags["sha256_pin"], result["loaded_with"]) == (how, "none", how)
         assert tags["tokenizer"] == OPENAI_VOCAB_FILE
         assert "mean_score" not in tags and "config" not in tags
     assert imported["seconds"] < 40, imported["seconds"]
@@ -217,7 +260,7 @@ def test_fp32_version_pyfunc_and_eval_equal_source(imported, sources, tmp_path):
     path = tmp_path / "picture.png"
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
     labels = ["a red circle", "a blue square", "a green star"]
-    out = pyfunc.predict(pd.DataFrame({"image": [str(path)], "labels": [labels]}))
+    out = pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(path.read_bytes()).decode()], "labels": [labels]}))
     src = sources["model"]
     with torch.no_grad():
         classifier = build_classifier(src, load_openai_tokenizer(VOCAB), labels, list(DEFAULT_TEMPLATES),
@@ -243,11 +286,10 @@ def test_cli_local_file_import(sources, tmp_path, capsys):
     assert "registered models:/other/1 as @baseline" in capsys.readouterr().out
     client = MlflowClient(tracking_uri=uri)
     mv = client.get_model_version_by_alias("other", "baseline")
-    import hashlib
-
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     assert mv.tags["source"] == sha and mv.tags["source_sha256"] == sha
     assert mv.tags["source_file"] == "ViT-small.pt"
+    assert (mv.tags["loaded_with"], mv.tags["sha256_pin"]) == ("torchscript weights-only", "none")
     assert set(client.get_registered_model("other").aliases) == {"baseline"}
     model_dir = tmp_path / "imports" / sha[:16]
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(["model.safetensors", "config.json",
@@ -379,10 +421,114 @@ def test_pipeline_register_model_unchanged(tmp_path):
     pickled = next(Path(mlflow.artifacts.download_artifacts("models:/witclip@champion")).rglob("python_model.pkl"))
     assert b"flows.registry" in pickled.read_bytes() and b"WitclipZeroShotModel" in pickled.read_bytes()
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
-    frame = pd.DataFrame({"image": [str(tmp_path / "red.png")], "labels": [["a red circle", "a blue square"]]})
+    red = base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
+    frame = pd.DataFrame({"image": [red, f"data:image/png;base64,{red}"],
+                          "labels": [["a red circle", "a blue square"]] * 2})
     out = pyfunc.predict(frame)
-    assert out.loc[0, "label"] in ("a red circle", "a blue square")
+    assert out.loc[0, "label"] in ("a red circle", "a blue square") and out.loc[0, "scores"] == out.loc[1, "scores"]
+    for named in (str(tmp_path / "red.png"), (tmp_path / "red.png").as_uri()):  # a file that exists: never read
+        with pytest.raises(mlflow.exceptions.MlflowException, match="image in row 0: a path or URL") as err:
+            pyfunc.predict(pd.DataFrame({"image": [named], "labels": [["a red circle", "a blue square"]]}))
+        assert err.value.get_http_status_code() == 400
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         (train_dir / TOKENIZER_FILE).unlink()
         register_model(train_dir=train_dir, eval_results=results(0.9), out_dir=tmp_path / "reg", run_id=run_id,
                        tracking_uri=uri, model_name="witclip", alias="champion")
+
+
+# ----------------------------------------------------------------------------- artifacts that cannot run code
+def _dummy_vocab(tmp_path: Path) -> str:
+    """A local vocab file: the checks under test stop before the vocab is read."""
+    vocab = tmp_path / OPENAI_VOCAB_FILE
+    vocab.write_bytes(b"")
+    return str(vocab)
+
+
+def _refused(tmp_path: Path, source: str, **kwargs) -> str:
+    """import_weights(source) must stop with one UserError line, load nothing and register nothing."""
+    db = tmp_path / "mlflow.db"
+    with pytest.MonkeyPatch.context() as m:
+        _no_jit_load(m)
+        with pytest.raises(UserError) as err:
+            import_weights(source, vocab=kwargs.pop("vocab", None) or _dummy_vocab(tmp_path),
+                           tracking_uri=f"sqlite:///{db}", out_dir=tmp_path / "imports", progress=False, **kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg and not db.exists(), msg  # nothing was logged or registered
+    return msg
+
+
+def test_code_running_archive_is_refused_without_pin(server, sources, tmp_path):
+    msg = _refused(tmp_path, f"{server}/ViT-small-code.pt?token=s3cret")
+    assert "__setstate__" in msg and "--sha256" in msg and "--trust-code" in msg
+    assert "s3cret" not in msg and "token=***" in msg  # the URL is shown redacted
+    local = _refused(tmp_path, str(sources["dir"] / "ViT-small-code.pt"))  # a local file alike
+    assert "--sha256" in local and "--trust-code" in local
+
+
+def test_wrong_pin_stops_before_anything_is_kept(server, sources, tmp_path):
+    path = "/ViT-small-code.pt?wrong-pin"
+    t0 = time.monotonic()
+    msg = _refused(tmp_path, f"{server}{path}", sha256=WRONG_SHA)
+    assert f"sha256 {sources['code_sha']} of the downloaded bytes does not match the pinned {WRONG_SHA}" in msg
+    assert time.monotonic() - t0 < 15 and GETS.count(path) == 1  # not retried: the same bytes would come
+    downloads = tmp_path / "imports" / "downloads"
+    assert not [p for p in downloads.rglob("ViT-small-code.pt*") if p.is_file()]  # neither renamed nor a part
+    local = _refused(tmp_path, str(sources["dir"] / "ViT-small-code.pt"), sha256=WRONG_SHA.upper().replace("0", "A"))
+    assert f"sha256 {sources['code_sha']} does not match the pinned {'a' * 64}; nothing was loaded" in local
+    assert "expected 64 hex digits" in _refused(tmp_path, f"{server}/ViT-small.pt", sha256="abc")
+
+
+def test_server_digest_disagreeing_with_the_pin_stops(server, sources, tmp_path):
+    other = hashlib.sha256(b"something else").hexdigest()
+    path = f"/ViT-small-code.pt?linked={other}"
+    msg = _refused(tmp_path, f"{server}{path}", sha256=sources["code_sha"])
+    assert f"the server publishes sha256 {other}, not the pinned {sources['code_sha']}" in msg
+    assert GETS.count(path) == 1
+
+
+def test_openai_style_url_with_a_hash_that_does_not_match_stops(server, sources, tmp_path):
+    msg = _refused(tmp_path, f"{server}/{WRONG_SHA}/ViT-small-code.pt")
+    assert f"does not match the pinned {WRONG_SHA}" in msg
+    differ = _refused(tmp_path, f"{server}/{sources['code_sha']}/ViT-small-code.pt", sha256=WRONG_SHA)
+    assert WRONG_SHA in differ and sources["code_sha"] in differ and "the URL" in differ
+
+
+@needs_vocab
+@pytest.mark.slow
+def test_pinned_openai_url_and_trusted_archives_load(server, sources, tmp_path, capsys):
+    """The code-running archive loads (with torch.jit.load) when pinned: by --sha256 on the command line,
+    by the hash in an OpenAI-style URL; or with --trust-code. A URL's secrets never reach MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    uri = _store(tmp_path)
+    sha = sources["code_sha"]
+    parser = build_parser()
+    args = parser.parse_args(["import-weights", f"{server}/ViT-small-code.pt?X-Amz-Signature=s3cret&v=1",
+                              "--sha256", sha.upper(), "--vocab", str(VOCAB), "--tracking-uri", uri,
+                              "--out", str(tmp_path / "imports")])
+    assert (args.sha256, args.trust_code) == (sha.upper(), False)
+    assert args.fn(args) == 0
+    assert "registered models:/witclip/1 as @baseline" in capsys.readouterr().out
+    common = dict(vocab=str(VOCAB), tracking_uri=uri, out_dir=tmp_path / "imports", progress=False)
+    by_url = import_weights(f"{server}/{sha}/ViT-small-code.pt", **common)
+    trusted = import_weights(str(sources["dir"] / "ViT-small-code.pt"), trust_code=True, **common)
+
+    client = MlflowClient(tracking_uri=uri)
+    for version, pin in ((1, "argument"), (2, "url"), (3, "none")):
+        mv = client.get_model_version("witclip", str(version))
+        assert (mv.tags["sha256_pin"], mv.tags["loaded_with"], mv.tags["source_sha256"]) == (pin, "torch.jit.load", sha)
+    assert (by_url["loaded_with"], trusted["version"]) == ("torch.jit.load", 3)
+    first = client.get_model_version("witclip", "1")
+    assert first.tags["source"] == f"{server}/ViT-small-code.pt?X-Amz-Signature=***&v=1"
+    run = client.get_run(first.run_id)
+    assert run.data.params["source"] == first.tags["source"] == run.data.tags["witclip.source"]
+    stored = [*run.data.params.values(), *run.data.tags.values(), *first.tags.values()]
+    assert not [v for v in stored if "s3cret" in v]
+    assert not [p for p in (tmp_path / "imports").glob("*.import.json") if "s3cret" in p.read_text()]
+    import mlflow
+
+    from data.eval.suite import load_model_for_eval
+
+    mlflow.set_tracking_uri(uri)
+    model, _, _ = load_model_for_eval("models:/witclip/2")
+    assert _max_diff(model, sources["model"]) < 1e-5

@@ -162,10 +162,11 @@ def test_pyfunc_loads_and_predicts_from_a_plain_interpreter(pipeline_env, tmp_pa
     img.save(path)
     uri = pipeline_env["first"]["tracking_uri"]
     code = (
-        "import mlflow, pandas as pd\n"
+        "import base64, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({uri!r})\n"
         "m = mlflow.pyfunc.load_model('models:/witclip@champion')\n"
-        f"out = m.predict(pd.DataFrame({{'image': [{str(path)!r}], 'labels': [['a red circle', 'a blue square']]}}))\n"
+        f"img = base64.b64encode(open({str(path)!r}, 'rb').read()).decode()\n"
+        "out = m.predict(pd.DataFrame({'image': [img], 'labels': [['a red circle', 'a blue square']]}))\n"
         "print(out['label'][0], len(out['scores'][0]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

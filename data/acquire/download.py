@@ -10,9 +10,12 @@ Per file:
   on the server is sent whole). A server that ignores Range (200 instead of 206) sends the whole
   file, which replaces the part.
 * the part is renamed to ``dest`` only once complete: as many bytes as Content-Length (or the total
-  of Content-Range) announced and, where the server publishes the file's sha256 (Hugging Face's
-  ``X-Linked-Etag`` for LFS files) or the caller gave one, that sha256. Whatever is under a final
-  name is whole.
+  of Content-Range) announced and, where the caller pinned the file's sha256 (``DownloadItem.sha256``)
+  or else the server publishes one (Hugging Face's ``X-Linked-Etag`` for LFS files), that sha256.
+  Whatever is under a final name is whole. The caller's pin always wins: a server publishing another
+  digest is refused before any byte is kept, and bytes that do not match the pin fail at once (no
+  retry: the same file would come again), while a mismatch with a server's own digest is retried as
+  a transfer fault.
 * its size and sha256 then go into the JSON manifest, rewritten atomically after every file. On the
   next run a file whose bytes match its entry is "verified" without asking the server; one whose
   bytes no longer match ("corrupt") is deleted and fetched again. Without a manifest a file under its
@@ -25,6 +28,8 @@ seconds, raising `HostUnreachable` with one line: ``cannot reach HOST:PORT (what
 fetching URL``. Later transient errors (timeouts, resets, 429, 5xx, short bodies, a published
 sha256 not matched) are retried ``retries`` times, resuming what arrived. The first file that still
 fails stops the others (their parts stay for the next run) and raises `DownloadError` naming it.
+URLs in these messages are shown through `data.common.urls.redact_urls`: no credentials or signed
+query tokens reach a log.
 
 Requests go through the shared HTTP layer (`data.common.http`: user agent, redirects, timeouts,
 Retry-After) with the policy for files the user named: no address guard (a mirror on the company
@@ -63,6 +68,7 @@ from data.common.http import (
     parse_retry_after,
     split_url,
 )
+from data.common.urls import redact_urls
 
 FETCH_MANIFEST = ".witclip-fetch.json"  # the usual manifest name: what was downloaded into a directory, with sha256s
 CHUNK_BYTES = 256 * 1024
@@ -87,7 +93,8 @@ class LocalWriteError(DownloadError):
 
 @dataclass(frozen=True)
 class DownloadItem:
-    """One file to fetch. `sha256`: its expected digest when known in advance (checked before rename)."""
+    """One file to fetch. `sha256`: the caller's pin, the digest the bytes must have (64 hex digits; checked
+    before the rename, and against a vouching manifest entry; it overrides any digest the server sends)."""
 
     url: str
     dest: Path
@@ -282,7 +289,7 @@ class _Downloader:
             return None  # not fetched by us (or the manifest was lost): fetched again, replaced when whole
         size = item.dest.stat().st_size
         ok = entry.get("size") == size and sha256_file(item.dest) == entry.get("sha256")
-        if ok and (item.sha256 is None or item.sha256 == entry.get("sha256")):
+        if ok and (item.sha256 is None or item.sha256.lower() == entry.get("sha256")):
             return "verified"
         item.dest.unlink(missing_ok=True)
         self.m.update(key, drop_entry=True)
@@ -388,7 +395,10 @@ class _Downloader:
         else:  # 200: the whole file (first time, or a server that ignores Range)
             offset = 0
             total = length
-        expected_sha = opened.linked_sha256 or (item.sha256.lower() if item.sha256 else None)
+        pin = item.sha256.lower() if item.sha256 else None
+        if pin is not None and opened.linked_sha256 is not None and opened.linked_sha256 != pin:
+            raise _Permanent(f"the server publishes sha256 {opened.linked_sha256}, not the pinned {pin}")
+        expected_sha = pin or opened.linked_sha256  # the caller's pin wins over the server's word
         if not resumed:
             self.m.update(key, partial={"url": item.url, "etag": resp.getheader("ETag"),
                                         "last_modified": resp.getheader("Last-Modified"), "total": total,
@@ -446,6 +456,8 @@ class _Downloader:
         if expected_sha is not None and digest != expected_sha:
             part.unlink(missing_ok=True)
             self.m.update(key, drop_partial=True)
+            if pin is not None:  # whole and as announced, yet other bytes: fetching again brings the same
+                raise _Permanent(f"sha256 {digest} of the downloaded bytes does not match the pinned {pin}")
             err = _Transient(f"sha256 {digest[:12]}... does not match the published {expected_sha[:12]}...")
             err.received = got
             raise err
@@ -456,6 +468,11 @@ class _Downloader:
         self.m.update(key, entry={"url": item.url, "size": size, "sha256": digest, "fetched_at": _now()},
                       drop_partial=True)
         return ("resumed" if resumed else "downloaded"), got
+
+
+def _redacted(err: DownloadError, more: str = "") -> DownloadError:
+    """The same error, its URLs redacted (`data.common.urls.redact_urls`) and `more` appended."""
+    return type(err)(redact_urls(str(err)) + more)
 
 
 def _as_item(value: DownloadItem | Sequence[Any]) -> DownloadItem:
@@ -482,8 +499,8 @@ def download_files(
     Returns counts: files, downloaded, resumed, verified (skipped: the manifest vouches for them),
     refetched (corrupt on disk, fetched again), missing_optional, present (no manifest, file
     there), bytes_downloaded (this run), bytes (of all the files now on disk), seconds, and
-    status: {dest: one of those words}. Raises HostUnreachable, DownloadError (one line each),
-    LocalWriteError; ValueError for bad arguments.
+    status: {dest: one of those words}. Raises HostUnreachable, DownloadError (one line each, URLs
+    redacted), LocalWriteError; ValueError for bad arguments.
     """
     t0 = time.monotonic()
     todo = [_as_item(i) for i in items]
@@ -493,7 +510,9 @@ def download_files(
         try:
             split_url(it.url)
         except HttpError as err:
-            raise ValueError(err.detail) from None
+            raise ValueError(redact_urls(err.detail)) from None
+        if it.sha256 is not None and not _SHA256_RE.match(it.sha256.lower()):
+            raise ValueError(f"sha256 {it.sha256!r} for {redact_urls(it.url)}: expected 64 hex digits")
     dests = [os.path.abspath(it.dest) for it in todo]
     if len(set(dests)) != len(dests):
         dup = next(d for d in dests if dests.count(d) > 1)
@@ -519,7 +538,10 @@ def download_files(
         for it, _ in pending:
             scheme, host, port, _target = split_url(it.url)
             if (scheme, host, port) not in probed:
-                d.probe(it.url)
+                try:
+                    d.probe(it.url)
+                except DownloadError as err:
+                    raise _redacted(err) from None
                 probed.add((scheme, host, port))
 
         first_error: BaseException | None = None
@@ -547,8 +569,9 @@ def download_files(
         bar.close()
     if first_error is not None:
         left = sum(1 for s in status.values() if s in ("stopped", "failed")) - 1
-        if isinstance(first_error, DownloadError) and left > 0:
-            raise type(first_error)(f"{first_error}; {left} other file(s) stopped unfinished")
+        if isinstance(first_error, DownloadError):
+            more = f"; {left} other file(s) stopped unfinished" if left > 0 else ""
+            raise _redacted(first_error, more) from None
         raise first_error
 
     counts: dict[str, Any] = {k: 0 for k in ("downloaded", "resumed", "verified", "refetched",

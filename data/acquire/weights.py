@@ -4,7 +4,13 @@
 
 A URL is downloaded resumably and verified by `data.acquire.download` into
 `downloads/<hash of the URL>/<its file name>`; a later call re-uses the file only while its bytes match
-the manifest. Every failure is a `ModelFileError` with one line that names the file or the host.
+the manifest. With ``sha256=`` (the caller's pin) the bytes must have that digest before the file is
+renamed into place, whatever digest the server publishes. Every failure is a `ModelFileError` with one
+line that names the file or the host; URLs in it are redacted (`data.common.urls.redact_url`).
+
+`pinned_sha256_from_url` reads the pin OpenAI's download URLs carry: the 64 hex digits of the path
+segment before the file name (``https://openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-32.pt``),
+which OpenAI's own loader checks the download against.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
+
+from data.common.urls import redact_url, redact_urls
+
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ModelFileError(ValueError):
@@ -23,6 +33,17 @@ def is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
 
 
+def pinned_sha256_from_url(url: str) -> str | None:
+    """The sha256 an OpenAI-style URL names (lower-case): the path segment right before the file name
+    when it is 64 hex digits; None otherwise, and for anything but an http(s) URL."""
+    if not is_url(url):
+        return None
+    segments = unquote(urlsplit(url).path).split("/")
+    if len(segments) >= 3 and _SHA256_RE.match(segments[-2]) and segments[-1]:
+        return segments[-2].lower()
+    return None
+
+
 def download_path(url: str, downloads: Path) -> Path:
     """downloads/<hash of the URL>/<the URL's file name>: one place per URL, named like the remote file."""
     name = Path(unquote(urlparse(url).path)).name
@@ -30,26 +51,37 @@ def download_path(url: str, downloads: Path) -> Path:
     return downloads / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
-def fetch_model_file(source: str, downloads: Path, *, what: str, progress: bool = True) -> Path:
-    """A local file as is; an http(s) URL downloaded under `downloads` (see the module docstring)."""
+def fetch_model_file(source: str, downloads: Path, *, what: str, progress: bool = True,
+                     sha256: str | None = None) -> Path:
+    """A local file as is; an http(s) URL downloaded under `downloads`, its bytes checked against
+    ``sha256`` when given (see the module docstring). A local file's digest is the caller's to check."""
     if is_url(source):
-        from data.acquire.download import FETCH_MANIFEST, DownloadError, download_files
+        from data.acquire.download import (
+            FETCH_MANIFEST,
+            DownloadError,
+            DownloadItem,
+            download_files,
+        )
 
         dest = download_path(source, downloads)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        host = urlparse(source).netloc
+        shown = redact_url(source)
+        host = urlsplit(source).netloc.rsplit("@", 1)[-1]  # never the user:password part
         try:
-            download_files([(source, dest)], manifest=downloads / FETCH_MANIFEST, progress=progress, desc=what)
-        except DownloadError as e:  # one line naming the host (HostUnreachable: within ~5 s)
+            download_files([DownloadItem(source, dest, sha256=sha256)], manifest=downloads / FETCH_MANIFEST,
+                           progress=progress, desc=what)
+        except DownloadError as e:  # one line naming the host (HostUnreachable: within ~5 s); URLs redacted
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelFileError(msg if host in msg else f"{what} {source}: {msg}") from None
+            raise ModelFileError(msg if host in msg else f"{what} {shown}: {msg}") from None
         except (ValueError, OSError) as e:  # a malformed URL; anything the downloader did not wrap
-            raise ModelFileError(f"{what} {source}: download from {host or 'nowhere'} failed: {e}") from None
+            raise ModelFileError(f"{what} {shown}: download from {host or 'nowhere'} failed: "
+                                 f"{redact_urls(str(e))}") from None
         if not dest.is_file():
-            raise ModelFileError(f"{what} {source}: download from {host} produced no file")
+            raise ModelFileError(f"{what} {shown}: download from {host} produced no file")
         return dest
     if "://" in source:
-        raise ModelFileError(f"{what} {source}: unsupported URL scheme; expected a local file or an http(s) URL")
+        raise ModelFileError(f"{what} {redact_url(source)}: unsupported URL scheme; expected a local file or an "
+                             "http(s) URL")
     path = Path(source).expanduser()
     if not path.is_file():
         state = "is not a file" if path.exists() else "does not exist"

@@ -29,6 +29,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for img in args.images:
         if not Path(img).is_file():
             raise UserError(f"image {img} does not exist")
+    import base64
+
     import mlflow
     import pandas as pd
 
@@ -38,7 +40,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         model = mlflow.pyfunc.load_model(args.model)
     except mlflow.exceptions.MlflowException as e:
         raise UserError(f"model {args.model} could not be loaded from {uri}: {str(e).splitlines()[0]}") from None
-    frame = pd.DataFrame({"image": [str(p) for p in args.images], "labels": [labels] * len(args.images)})
+    # the model reads images only from its input, never from a path (flows.registry.WitclipZeroShotModel)
+    images = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in args.images]
+    frame = pd.DataFrame({"image": images, "labels": [labels] * len(args.images)})
     out = model.predict(frame)
     for img, (_, row) in zip(args.images, out.iterrows()):
         scores = ", ".join(f"{lab}={s:.3f}" for lab, s in zip(labels, row["scores"]))
@@ -123,10 +127,11 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
     uri = tracking_uri(args.tracking_uri)
     result = import_weights(args.source, name=args.name, alias=args.alias, vocab=args.vocab, tracking_uri=uri,
-                            out_dir=writable_out_dir(args.out), experiment=args.experiment, progress=True)
+                            out_dir=writable_out_dir(args.out), experiment=args.experiment, progress=True,
+                            sha256=args.sha256, trust_code=args.trust_code)
     config = result["config"] or "no bundled config"
     print(f"registered {result['model_uri']} as @{result['alias']} ({config}, {result['source_dtype']} source, "
-          f"sha256 {result['sha256']})")
+          f"sha256 {result['sha256']}, read with {result['loaded_with']})")
     print(f"model directory: {result['model_dir']}; MLflow store: {uri}")
     return 0
 
@@ -166,13 +171,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Convert an OpenAI-format CLIP checkpoint (TorchScript archive or torch.save state_dict, "
                     "fp16 or fp32) to witclip's format, log it to MLflow and register it with an alias "
                     "(baseline) for the eval stage and the promotion gate to compare against. "
-                    "Never sets @champion.",
+                    "Never sets @champion. Never runs code the checkpoint carries: a TorchScript archive is "
+                    "read by a weights-only reader; one it cannot read (torch.jit.load would run its code) "
+                    "is refused unless its sha256 is pinned (--sha256, or the hash in an OpenAI-style URL "
+                    ".../<sha256>/<name>.pt) or --trust-code is given.",
     )
     p.add_argument("source", metavar="SOURCE", help="checkpoint file or http(s) URL")
     p.add_argument("--name", default="witclip", help="registered model name (default: witclip)")
     p.add_argument("--alias", default="baseline", help="alias to point at the new version (default: baseline)")
     p.add_argument("--vocab", help="tokenizer: OpenAI's bpe_simple_vocab_16e6.txt.gz (file or URL) or a "
                                    "tokenizer.json (default: the copy open_clip ships, when installed)")
+    p.add_argument("--sha256", metavar="HEX", help="the checkpoint's expected sha256 (from its publisher): checked "
+                                                   "before anything is loaded; a pinned TorchScript archive may run")
+    p.add_argument("--trust-code", action="store_true",
+                   help="load a TorchScript archive the weights-only reader refuses with torch.jit.load, running "
+                        "its code, without a pin (only for files you trust)")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--experiment", default="witclip", help="MLflow experiment of the import run (default: witclip)")
     p.add_argument("--out", default=str(DEFAULT_IMPORTS_DIR),

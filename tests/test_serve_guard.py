@@ -1,0 +1,126 @@
+"""The served witclip model takes images only from the request: `mlflow models serve` (a real one, on
+loopback, --env-manager local) answers a request naming a path or a file: URL -- of a file that exists on
+the server -- with HTTP 400 and a message saying what to send, and a base64 image or a data: URI with 200
+and a prediction."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LABELS = "a red circle,a blue square"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny witclip model logged and registered in a sqlite store, served on a free loopback port."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    import clip
+    from clip.tokenizer import TOKENIZER_FILE, train_caption_tokenizer
+    from flows.registry import log_clip_model
+    from flows.stages.train import free_loopback_port
+
+    root = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("witclip", artifact_location=(root / "artifacts").as_uri())
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    clip.save_model(clip.create_model("tiny"), model_dir)
+    train_caption_tokenizer(["a red circle", "a blue square"] * 20, vocab_size=300).save(model_dir / TOKENIZER_FILE)
+    version = log_clip_model(model_dir=model_dir, run_id=client.create_run(exp).info.run_id, tracking_uri=uri,
+                             model_name="witclip")
+
+    port = free_loopback_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/witclip/{version}",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+            time.sleep(0.5)
+        yield {"url": f"http://127.0.0.1:{port}", "root": root}
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn workers
+            server.wait(timeout=20)
+        except ProcessLookupError:
+            pass  # already gone
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _invoke(url: str, image: str) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": {"columns": ["image", "labels"], "data": [[image, LABELS]]}}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_path_or_file_url_is_answered_400(served):
+    on_server = served["root"] / "server-side.png"  # exists and is an image: reading it would have worked
+    on_server.write_bytes(_png())
+    for image in (str(on_server), on_server.as_uri(), "../server-side.png"):
+        status, answer = _invoke(served["url"], image)
+        assert status == 400, (image, answer)
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        message = answer["message"]
+        assert "image in row 0: a path or URL, which the served model never opens" in message, message
+        assert "expected the image itself as raw bytes, base64 text or a data:image/...;base64, URI" in message
+
+
+def test_text_that_is_not_an_image_is_answered_400(served):
+    status, answer = _invoke(served["url"], "certainly not base64!")
+    assert status == 400 and "image in row 0: not base64" in answer["message"]
+    status, answer = _invoke(served["url"], base64.b64encode(b"plain bytes, no image").decode())
+    assert status == 400 and "image in row 0: not a readable image" in answer["message"]
+
+
+def test_base64_and_data_uri_images_are_answered_200(served):
+    encoded = base64.b64encode(_png()).decode()
+    rows = []
+    for image in (encoded, f"data:image/png;base64,{encoded}"):
+        status, answer = _invoke(served["url"], image)
+        assert status == 200, answer
+        row = answer["predictions"][0]
+        assert row["label"] in LABELS.split(",") and len(row["scores"]) == 2
+        assert abs(sum(row["scores"]) - 1) < 1e-4 and row["score"] == max(row["scores"])
+        rows.append(row)
+    assert rows[0] == rows[1]
