@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -32,6 +31,7 @@ from pydantic import (
 
 from clip.train_config import TrainConfig as EngineTrainConfig
 from data.common.http import DEFAULT_USER_AGENT, HttpPolicy
+from data.common.urls import redact_urls
 from data.crawl.fetch import FetchPolicy
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
 from data.eval.synthetic import SYNTHETIC_BENCHMARKS
@@ -46,7 +46,6 @@ from flows.errors import UserError
 from flows.tracking import DEFAULT_TRACKING_URI
 from flows.train_spec import LoaderSpec, TrainSpec
 
-EMBEDDED_WEB_ADDRESS = "127.0.0.1"  # where the embedded synthetic web is served
 # Keys that moved: an old config names its key and gets told where it lives now.
 MOVED_KEYS = {
     "crawl.user_agent": "http.user_agent",
@@ -82,6 +81,7 @@ SITE_SPEC_FIXED: dict[str, Any] = {
     "drip_max_seconds": SiteSpec.drip_max_seconds,
     "throttle_times": SiteSpec.throttle_times,
     "retry_after_seconds": SiteSpec.retry_after_seconds,
+    "hop_delay_seconds": SiteSpec.hop_delay_seconds,
 }
 
 
@@ -107,9 +107,11 @@ class WebConfig(Section):
 
 
 
-def embedded_web_addresses(enabled: bool) -> tuple[str, ...]:
-    """What the address guard must let through for the embedded web (`web.enabled`): its loopback address."""
-    return (EMBEDDED_WEB_ADDRESS,) if enabled else ()
+def embedded_web_allowance(netloc: str | None) -> tuple[str, ...]:
+    """What the address guard must let through for the embedded web: exactly its `host:port` while a
+    run serves it (`netloc`), nothing otherwise. Never all of loopback: a URL list naming
+    127.0.0.1:5000 must not reach the MLflow server on the same machine."""
+    return (netloc,) if netloc else ()
 
 
 class HttpConfig(Section):
@@ -117,7 +119,8 @@ class HttpConfig(Section):
 
     user_agent: str = DEFAULT_USER_AGENT  # robots.txt rules are matched against it
     # Safety: private, loopback, link-local, CGNAT and cloud-metadata addresses are refused unless
-    # listed here (IPs, CIDRs or host names). The embedded web's 127.0.0.1 is added automatically.
+    # listed here (IPs, CIDRs, host names, or any of them with :port for that port only). The embedded web's
+    # exact 127.0.0.1:<port> is added while a run serves it.
     allowed_addresses: list[str] = Field(default_factory=list)
     robots_txt: bool = True  # obey robots.txt (harvest pages and crawled images)
 
@@ -179,10 +182,11 @@ class HarvestConfig(Section):
             raise ValueError(f"expected an http(s):// URL, got {v!r}")
         return v
 
-    def page_policy(self, http: HttpConfig, embedded_web: bool) -> HttpPolicy:
-        """How harvest requests pages (and their robots.txt); `embedded_web` is `web.enabled`."""
+    def page_policy(self, http: HttpConfig, embedded_web: str | None) -> HttpPolicy:
+        """How harvest requests pages (and their robots.txt); `embedded_web` is the `host:port` of the
+        embedded web when this run serves it (`embedded_web_allowance`)."""
         mapped = {"timeout": self.timeout, "user_agent": http.user_agent,
-                  "allowed_addresses": (*http.allowed_addresses, *embedded_web_addresses(embedded_web))}
+                  "allowed_addresses": (*http.allowed_addresses, *embedded_web_allowance(embedded_web))}
         return build_engine(HttpPolicy, mapped, PAGE_POLICY_FIXED)
 
 
@@ -213,12 +217,12 @@ class CrawlConfig(Section):
     max_retry_after: float = Field(FetchPolicy.max_retry_after, ge=0)  # 429/503 Retry-After longer than this: give up
     x_robots_directives: list[str] = Field(default_factory=lambda: list(FetchPolicy.x_robots_directives))
 
-    def fetch_policy(self, http: HttpConfig, embedded_web: bool) -> FetchPolicy:
-        """How the crawl fetches each image; `embedded_web` is `web.enabled`."""
+    def fetch_policy(self, http: HttpConfig, embedded_web: str | None) -> FetchPolicy:
+        """How the crawl fetches each image; `embedded_web` as for `HarvestConfig.page_policy`."""
         mapped = {
             "timeout": self.timeout, "deadline": self.deadline, "max_bytes": self.max_image_bytes,
             "max_pixels": self.max_image_pixels, "user_agent": http.user_agent, "robots_txt": http.robots_txt,
-            "allowed_addresses": (*http.allowed_addresses, *embedded_web_addresses(embedded_web)),
+            "allowed_addresses": (*http.allowed_addresses, *embedded_web_allowance(embedded_web)),
             "x_robots_directives": tuple(self.x_robots_directives),
             "max_connections_per_host": self.max_connections_per_host,
             "max_requests_per_second_per_host": self.max_requests_per_second_per_host,
@@ -389,8 +393,8 @@ def _format_validation_error(err: ValidationError) -> str:
             return f"config key '{key}' moved to '{MOVED_KEYS[key]}'"
         return f"unknown config key '{key}'"
     got = first.get("input")
-    if isinstance(got, str):  # never echo credentials someone put into a URL
-        got = re.sub(r"://[^/@]*@", "://***@", got)
+    if isinstance(got, str):  # never echo credentials or tokens someone put into a URL
+        got = redact_urls(got)
     if isinstance(got, dict):  # a check across a section's keys: its message names them itself
         return f"config section '{key}' is invalid: {first['msg'].removeprefix('Value error, ')}"
     return f"config value {key}={got!r} is invalid: {first['msg'].removeprefix('Value error, ')}"
@@ -409,7 +413,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # each field of each engine is mapped from the config or fixed, never left to the engine's default.
 ENGINE_BUILDERS: dict[str, tuple[Callable[[PipelineConfig], Any], Mapping[str, Any]]] = {
     "SiteSpec": (lambda c: c.web.site_spec(), SITE_SPEC_FIXED),
-    "HttpPolicy (harvest pages)": (lambda c: c.harvest.page_policy(c.http, c.web.enabled), PAGE_POLICY_FIXED),
-    "FetchPolicy (crawl)": (lambda c: c.crawl.fetch_policy(c.http, c.web.enabled), FETCH_POLICY_FIXED),
+    "HttpPolicy (harvest pages)": (lambda c: c.harvest.page_policy(c.http, None), PAGE_POLICY_FIXED),
+    "FetchPolicy (crawl)": (lambda c: c.crawl.fetch_policy(c.http, None), FETCH_POLICY_FIXED),
     "clip.train.TrainConfig": (lambda c: c.train.engine_config(), TRAIN_ENGINE_FIXED),
 }

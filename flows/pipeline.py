@@ -89,6 +89,11 @@ class EmbeddedWeb:
             print(f"embedded synthetic web serving at {self.server.url}")
         return self.server.url
 
+    @property
+    def netloc(self) -> str | None:
+        """host:port of the running web (None when not started)."""
+        return urlparse(self.server.url).netloc if self.server is not None else None
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
@@ -220,11 +225,13 @@ def stage_flow(spec: StageSpec) -> Any:
     """The stage as a Prefect flow named after it: a thin call of its run function on its view of the config."""
     if spec.name not in _FLOWS:
 
-        def run_stage(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str, seed_url: str | None) -> dict:
+        def run_stage(cfg: PipelineConfig, mlflow_run_id: str, tracking_uri: str, seed_url: str | None,
+                      embedded_web: str | None = None) -> dict:
             ctx = StageContext(stage=spec.name, cfg=spec.view(cfg), work_dir=cfg.work_dir,
                                out_dir=cfg.stage_dir(spec.name),
                                upstream_dirs={up: cfg.stage_dir(up) for up in spec.upstream},
-                               mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, seed_url=seed_url)
+                               mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, seed_url=seed_url,
+                               embedded_web=embedded_web)
             return spec.run(ctx)
 
         _FLOWS[spec.name] = flow(name=spec.name, log_prints=True)(run_stage)
@@ -268,8 +275,10 @@ def execute_stage(
     t0 = time.perf_counter()
     starts_from_web = spec is _web_start_stage() and embedded_web_in_use(cfg)
     seed_url = web.seed_url() if starts_from_web else None
+    # started above for harvest, or by pipeline_flow for a later stage that fetches the URLs found there
+    embedded_web = web.netloc if spec.uses_embedded_web and embedded_web_in_use(cfg) else None
     try:
-        counts = stage_flow(spec)(cfg, run_id, tracking_uri, seed_url)
+        counts = stage_flow(spec)(cfg, run_id, tracking_uri, seed_url, embedded_web)
         rejected = spec.accept(spec.view(cfg), counts) if spec.accept is not None else None
         if rejected:
             # kept on disk to look at, never resumed: the next attempt starts afresh (_prepare_dir)

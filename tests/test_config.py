@@ -82,11 +82,18 @@ def test_the_config_defaults_are_the_engines_defaults():
 
     cfg = PipelineConfig()
     assert cfg.web.site_spec() == SiteSpec()
-    assert cfg.crawl.fetch_policy(cfg.http, cfg.web.enabled) == FetchPolicy(allowed_addresses=("127.0.0.1",))
-    assert cfg.harvest.page_policy(cfg.http, cfg.web.enabled) == HttpPolicy(allowed_addresses=("127.0.0.1",))
+    assert cfg.crawl.fetch_policy(cfg.http, None) == FetchPolicy()
+    assert cfg.harvest.page_policy(cfg.http, None) == HttpPolicy()
     assert cfg.train.engine_config() == EngineTrainConfig()
-    off = load_config(None, ["web.enabled=false", "harvest.seed_url=http://example.com/"])
-    assert off.crawl.fetch_policy(off.http, off.web.enabled).allowed_addresses == ()
+
+
+def test_loopback_is_let_through_only_for_the_embedded_web_host_and_port():
+    """While a run serves the embedded web, the guard lets exactly its host:port through, on top of what
+    http.allowed_addresses lists; 127.0.0.1 as a whole never (the MLflow server listens there too)."""
+    cfg = load_config(None, ["http.allowed_addresses=[10.1.0.0/16]"])
+    assert cfg.crawl.fetch_policy(cfg.http, "127.0.0.1:8123").allowed_addresses == ("10.1.0.0/16", "127.0.0.1:8123")
+    assert cfg.harvest.page_policy(cfg.http, "127.0.0.1:8123").allowed_addresses == ("10.1.0.0/16", "127.0.0.1:8123")
+    assert cfg.crawl.fetch_policy(cfg.http, None).allowed_addresses == ("10.1.0.0/16",)
 
 
 @pytest.mark.parametrize("engine", sorted(__import__("flows.config", fromlist=["x"]).ENGINE_BUILDERS))

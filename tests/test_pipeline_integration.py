@@ -187,53 +187,25 @@ def test_mlflow_models_serve_answers_a_rest_prediction(pipeline_env, tmp_path):
     """`mlflow models serve -m models:/witclip@champion` on loopback; a generated image sent as base64."""
     import base64
     import io
-    import os
     import random
-    import time
     import urllib.request
 
+    from support.servers import served_model
+
     from data.synthetic import Scene, render_scene
-    from flows.stages.train import free_loopback_port
 
     buf = io.BytesIO()
     render_scene(Scene("circle", "red", 1, "large", "white", "centre"), 64, random.Random(0)).save(buf, "PNG")
-    port = free_loopback_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline_env["first"]["tracking_uri"],
-           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there
-    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/witclip@champion", "--env-manager",
-                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
-            time.sleep(0.5)
+    with served_model("models:/witclip@champion", pipeline_env["first"]["tracking_uri"], tmp_path) as url:
         body = json.dumps({"dataframe_split": {"columns": ["image", "labels"], "data": [
             [base64.b64encode(buf.getvalue()).decode(), "a red circle,a blue square"]]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+        request = urllib.request.Request(f"{url}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             answer = json.loads(r.read())
         row = answer["predictions"][0]
         assert row["label"] in ("a red circle", "a blue square") and len(row["scores"]) == 2
         assert abs(sum(row["scores"]) - 1) < 1e-4
-    finally:
-        import signal
-
-        try:
-            os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn workers
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass  # already gone
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_killed_during_training_then_run_again_resumes_without_redoing_data_stages(tmp_path):

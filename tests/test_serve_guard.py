@@ -8,16 +8,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from support.servers import served_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,7 +28,6 @@ def served(tmp_path_factory):
     import clip
     from clip.tokenizer import TOKENIZER_FILE, train_caption_tokenizer
     from flows.registry import log_clip_model
-    from flows.stages.train import free_loopback_port
 
     root = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -46,34 +40,8 @@ def served(tmp_path_factory):
     version = log_clip_model(model_dir=model_dir, run_id=client.create_run(exp).info.run_id, tracking_uri=uri,
                              model_name="witclip")
 
-    port = free_loopback_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there
-    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/witclip/{version}",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
-            time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}", "root": root}
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn workers
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass  # already gone
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    with served_model(f"models:/witclip/{version}", uri, root) as url:
+        yield {"url": url, "root": root}
 
 
 def _invoke(url: str, image: str) -> tuple[int, dict]:

@@ -435,7 +435,7 @@ def test_default_site_is_unchanged_by_the_extra_fault_kinds(default_site):
     )
     assert default_site.robots_txt == "User-agent: *\nAllow: /\n"
     assert DEMO_FAULT_KINDS == SiteSpec().fault_kinds
-    assert len(ALL_FAULT_KINDS) == len(set(ALL_FAULT_KINDS)) == 13 and ALL_FAULT_KINDS[:5] == DEMO_FAULT_KINDS
+    assert len(ALL_FAULT_KINDS) == len(set(ALL_FAULT_KINDS)) == 17 and ALL_FAULT_KINDS[:5] == DEMO_FAULT_KINDS
 
 
 def test_fault_kinds_are_validated_and_the_spec_stays_hashable():
@@ -451,12 +451,12 @@ def test_fault_kinds_are_validated_and_the_spec_stays_hashable():
 
 
 def test_all_fault_kinds_split_evenly_and_move_no_url():
-    kw = dict(seed=5, n_pages=10, images_per_page=10, fault_rate=0.4)
+    kw = dict(seed=5, n_pages=10, images_per_page=10, fault_rate=0.6)
     demo, full = build_site(SiteSpec(**kw)), build_site(SiteSpec(**kw, fault_kinds=ALL_FAULT_KINDS))
     stats = full.stats()
     assert list(stats["n_faults"]) == list(ALL_FAULT_KINDS)
     per_kind = list(stats["n_faults"].values())
-    assert sum(per_kind) == stats["n_faulty"] == 40 and min(per_kind) >= 3 and max(per_kind) - min(per_kind) <= 1
+    assert sum(per_kind) == stats["n_faulty"] == 60 and min(per_kind) >= 3 and max(per_kind) - min(per_kind) <= 1
     # Same draws: the same image ids, captions and faulty positions; only "robots" entries changed prefix.
     for a, b in zip(demo.images.values(), full.images.values()):
         assert a.path.rsplit("/", 1)[1] == b.path.rsplit("/", 1)[1] and a.caption == b.caption
@@ -476,7 +476,7 @@ def test_all_fault_kinds_split_evenly_and_move_no_url():
 HOSTILE_SPEC = SiteSpec(
     seed=11,
     n_pages=4,
-    images_per_page=13,
+    images_per_page=18,
     fault_rate=0.5,
     fault_kinds=ALL_FAULT_KINDS,
     drip_interval=0.05,
@@ -745,3 +745,70 @@ def test_counting_server_counts_every_request_and_connection():
         assert server.count == 2 and server.requests == ["GET /anything?q=1", "POST /x"]
     with pytest.raises(RuntimeError):
         _ = server.url
+
+
+def _raw_head(web: SyntheticWeb, path: str, seconds: float) -> tuple[bytes, float]:
+    """What arrives on a raw socket within `seconds` of sending a GET for `path`."""
+    host, port = urlsplit(web.url).netloc.rsplit(":", 1)
+    received = b""
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=seconds) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        while time.monotonic() - start < seconds:
+            sock.settimeout(max(0.01, seconds - (time.monotonic() - start)))
+            try:
+                chunk = sock.recv(1024)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received, time.monotonic() - start
+
+
+def test_trickled_status_line_never_ends(hostile_web):
+    path = _first_with_fault(hostile_web.site, "trickle_status").path
+    received, _ = _raw_head(hostile_web, path, 0.6)
+    assert received and b"\n" not in received and received.startswith(b"HTTP/1.1 200 OK"[: len(received)])
+    assert len(received) <= 0.6 / HOSTILE_SPEC.drip_interval + 2  # a byte at a time
+    assert _record_for(hostile_web, path).client_gone
+
+
+def test_trickled_headers_follow_a_proper_status_line(hostile_web):
+    path = _first_with_fault(hostile_web.site, "trickle_headers").path
+    received, _ = _raw_head(hostile_web, path, 0.6)
+    head, _, trickled = received.partition(b"Content-Type: image/jpeg\r\n")
+    assert head == b"HTTP/1.1 200 OK\r\n" and trickled and b"\r\n\r\n" not in received
+    assert b"X-Trickle: one byte at a time"[: len(trickled)] == trickled[:29]
+
+
+def test_slow_redirects_take_five_delayed_hops_then_serve_the_image(hostile_web):
+    path = _first_with_fault(hostile_web.site, "slow_redirects").path
+    hop, started = path, time.monotonic()
+    for n in range(1, 6):
+        status, headers, _ = _get(hostile_web, hop)
+        assert status == 302 and headers["Location"] == f"{path}?hop={n}"
+        hop = headers["Location"]
+    assert time.monotonic() - started >= 5 * HOSTILE_SPEC.hop_delay_seconds
+    status, headers, body = _get(hostile_web, hop)
+    assert status == 200 and body == hostile_web.site.image_bytes(path)
+
+
+def test_unidentified_body_is_an_hdr_that_only_opencv_reads(hostile_web):
+    import cv2
+
+    path = _first_with_fault(hostile_web.site, "unidentified").path
+    status, headers, body = _get(hostile_web, path)
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body.startswith(b"#?RADIANCE")
+    with pytest.raises(Image.UnidentifiedImageError):
+        Image.open(io.BytesIO(body))
+    assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED).shape == (8, 8, 3)
+
+
+def test_sites_with_private_redirects_link_a_page_that_redirects_there(hostile_web, default_site):
+    from data.synthetic import MOVED_PAGE
+
+    assert f'href="{MOVED_PAGE}"' in hostile_web.site.pages["/"]
+    status, headers, _ = _get(hostile_web, MOVED_PAGE)
+    assert status == 302 and headers["Location"] == "http://127.0.0.2:9" + MOVED_PAGE
+    assert MOVED_PAGE not in default_site.pages["/"]

@@ -26,7 +26,8 @@ def dask_client(scheduler_address: str | None, processes: int) -> Iterator[Any]:
         n_workers=processes,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=":0",  # random port: concurrent runs must not fight over :8787
+        # a random port (concurrent runs must not fight over :8787), on loopback like every other endpoint
+        dashboard_address="127.0.0.1:0",
         host="127.0.0.1",
         silence_logs=logging.CRITICAL,  # shutdown heartbeat chatter; task errors still reach us
     ) as cluster, Client(cluster, set_as_default=False) as client:

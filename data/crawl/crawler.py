@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from data.common.cluster import dask_client  # noqa: E402
+from data.common.opencv_limit import run_with_opencv_limit  # noqa: E402
+from data.common.urls import redact_url  # noqa: E402
 from data.crawl.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
 from data.crawl.status import (  # noqa: E402
     STATUS_FILE,
@@ -33,7 +36,7 @@ from data.crawl.status import (  # noqa: E402
     aggregate_stats,
     write_status_table,
 )
-from data.crawl.writer import SCRATCH_DIR, OrderedWebDatasetWriter, write_stats
+from data.crawl.writer import SCRATCH_DIR, OrderedWebDatasetWriter, write_stats  # noqa: E402
 from data.shards.format import CRAWL_SHARD_DIGITS, crawl_shard_stem, is_crawl_shard  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ def make_download_image(fetcher: Fetcher) -> Callable[..., Any]:
         except FetchError as err:
             return key, None, err.reason
         except Exception as err:  # noqa: BLE001 - img2dataset semantics: an error string, never raise
-            log.warning("unexpected error fetching %s: %r", url, err)
+            log.warning("unexpected error fetching %s: %r", redact_url(url), err)
             return key, None, f"unexpected_{type(err).__name__}"
 
     return download_image
@@ -131,9 +134,11 @@ def crawl(
     """Download candidates into img2dataset webdataset shards in out_dir, one Dask task per shard.
 
     Every image goes through data.crawl.fetch.Fetcher with `policy` (address guard, robots.txt,
-    per-host limits, Retry-After, byte and pixel caps, timeouts and deadline; default
+    per-host limits, Retry-After, byte and pixel caps, one deadline per request; default
     `FetchPolicy()`). The policy's per-host limits are for the whole cluster and are divided among
-    its worker processes.
+    its worker processes. Decoding runs img2dataset's Resizer under a per-process memory budget
+    (`data.crawl.decode`), with OpenCV's own pixel limit set to `policy.max_pixels` in every worker
+    (`data.common.opencv_limit`).
 
     Shards with an existing `_stats.json` are skipped, so re-running resumes (the shard
     <-> rows mapping assumes the same candidates file and shard_size). With
@@ -156,7 +161,8 @@ def crawl(
 
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
-    from img2dataset.resizer import Resizer
+
+    from data.crawl.decode import BoundedResizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir / SCRATCH_DIR
@@ -180,7 +186,7 @@ def crawl(
             str(tmp_dir),
             0,  # start_shard_id
         )
-        resizer = Resizer(
+        resizer = BoundedResizer(  # img2dataset's, under a per-process decode-memory budget
             image_size=image_size,
             resize_mode=resize_mode,
             resize_only_if_bigger=False,
@@ -288,10 +294,10 @@ def _distribute(
                 log.warning("retrying %d failed shard(s), attempt %d", len(pending), attempt)
             futures = {
                 client.submit(
-                    _download_shard_task,
-                    downloader,
-                    shard,
-                    worker_policy,
+                    # OpenCV's own pixel limit is set in the worker before the task's objects load it
+                    run_with_opencv_limit,
+                    policy.max_pixels,
+                    pickle.dumps((_download_shard_task, (downloader, shard, worker_policy))),
                     key=f"img2dataset-shard-{crawl_shard_stem(shard[0])}-{run_id}-try{attempt}",
                     pure=False,
                     # Dask already reschedules a task whose worker died (allowed-failures);

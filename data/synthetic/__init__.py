@@ -26,6 +26,7 @@ from data.synthetic.site import (
     DEFAULT_PRIVATE_TARGET,
     DEMO_FAULT_KINDS,
     EXTRA_FAULT_KINDS,
+    MOVED_PAGE,
     NOINDEX_PREFIX,
     TOO_LARGE_CLAIMED_BYTES,
     TOO_LARGE_MAX_BYTES,
@@ -40,7 +41,7 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "COUNTS", "NUMBER_WORDS", "POSITIONS", "SHAPES", "SIZES", "Scene",
     "describe_scene", "encode_jpeg", "random_scene", "render_scene",
     "RequestRecord", "SyntheticWeb", "ThreadedServer",
-    "ALL_FAULT_KINDS", "BOMB_SIDE", "DEFAULT_PRIVATE_TARGET", "DEMO_FAULT_KINDS", "EXTRA_FAULT_KINDS",
+    "ALL_FAULT_KINDS", "BOMB_SIDE", "DEFAULT_PRIVATE_TARGET", "DEMO_FAULT_KINDS", "EXTRA_FAULT_KINDS", "MOVED_PAGE",
     "NOINDEX_PREFIX", "TOO_LARGE_CLAIMED_BYTES", "TOO_LARGE_MAX_BYTES", "ImageEntry", "Site", "SiteSpec",
     "bomb_png", "build_site",
 ]

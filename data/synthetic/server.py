@@ -99,6 +99,14 @@ class _Handler(BaseHTTPRequestHandler):
             status = response.status
             if send_body and response.delay_seconds > 0:
                 time.sleep(response.delay_seconds)  # delay before headers, so client timeouts fire
+            if response.mode in ("trickle_status", "trickle_headers"):
+                # no proper head ever: a client without a deadline on the head waits as long as we like
+                self.close_connection = True
+                if response.mode == "trickle_headers":
+                    self._write(f"HTTP/1.1 200 OK\r\nContent-Type: {response.content_type}\r\n".encode())
+                self.wfile.flush()
+                self._drip(response.body)
+                return
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
             if response.mode == "plain":

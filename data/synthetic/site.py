@@ -7,7 +7,10 @@ some alt texts are junk, some images are exact or near duplicates, and some URLs
 downloader must survive (404, 500, slow, truncated JPEG, HTML served as JPEG). `SiteSpec.fault_kinds`
 can switch on the hostile faults too (`ALL_FAULT_KINDS`: byte drip, redirect loops, redirects to a
 private address, endless bodies, a PNG decompression bomb, 429 throttling, robots.txt-disallowed and
-`X-Robots-Tag: noai` images) for crawler tests. `server.py` serves a built site on loopback.
+`X-Robots-Tag: noai` images, a status line or headers sent a byte at a time, slow redirect chains, a
+body no image library but OpenCV reads) for crawler tests. A site with "redirect_private" faults also
+links its index to a page that redirects to the private target. `server.py` serves a built site on
+loopback.
 
 The same `SiteSpec` always yields the same pages, URLs, captions and image bytes.
 """
@@ -43,6 +46,10 @@ EXTRA_FAULT_KINDS: tuple[str, ...] = (
     "429",  # 429 + Retry-After for the first `throttle_times` GETs, then the image
     "robots",  # served under /img-noindex/, which robots.txt disallows
     "noai",  # the image with `X-Robots-Tag: noai`
+    "trickle_status",  # a status line that never ends, one byte every `drip_interval` seconds
+    "trickle_headers",  # a status line, then header lines one byte every `drip_interval` seconds
+    "slow_redirects",  # 5 redirect hops, each answered after `hop_delay_seconds`, then the image
+    "unidentified",  # a Radiance HDR body labelled image/jpeg: OpenCV decodes it, Pillow cannot size it
 )
 ALL_FAULT_KINDS: tuple[str, ...] = DEMO_FAULT_KINDS + EXTRA_FAULT_KINDS
 ImageKind = Literal["clean", "noisy", "exact_dup", "near_dup"]
@@ -102,6 +109,7 @@ class SiteSpec:
     drip_max_seconds: float = 120.0  # server-side cap on one drip, in case the client never leaves
     throttle_times: int = 1  # GETs of a "429" URL answered 429 before the image is served
     retry_after_seconds: int = 1  # the Retry-After value those 429s carry
+    hop_delay_seconds: float = 0.8  # each hop of a "slow_redirects" chain: under a timeout, over a deadline
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple: the spec must stay hashable.
@@ -115,8 +123,8 @@ class SiteSpec:
             raise ValueError("fault_rate > 0 needs at least one fault kind")
         if self.drip_interval <= 0 or self.drip_max_seconds < 0:
             raise ValueError("drip_interval must be > 0 and drip_max_seconds >= 0")
-        if self.throttle_times < 0 or self.retry_after_seconds < 0:
-            raise ValueError("throttle_times and retry_after_seconds must be >= 0")
+        if self.throttle_times < 0 or self.retry_after_seconds < 0 or self.hop_delay_seconds < 0:
+            raise ValueError("throttle_times, retry_after_seconds and hop_delay_seconds must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ class ImageEntry:
     jpeg_quality: int
 
 
-ResponseMode = Literal["plain", "drip", "too_large"]
+ResponseMode = Literal["plain", "drip", "too_large", "trickle_status", "trickle_headers"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,9 @@ class Response:
 
     `mode` "plain" sends `body` with its Content-Length. The streaming modes are written
     by the handler piece by piece: "drip" cycles through `body` one byte at a time with no
-    Content-Length; "too_large" announces `TOO_LARGE_CLAIMED_BYTES` and sends zeros.
+    Content-Length; "too_large" announces `TOO_LARGE_CLAIMED_BYTES` and sends zeros;
+    "trickle_status" and "trickle_headers" send no proper head at all but cycle through `body`
+    one byte at a time in place of the status line, or after a status line in place of the headers.
     """
 
     status: int
@@ -158,6 +168,10 @@ class Response:
 # address other than the server's own and the discard port, so nothing real answers.
 DEFAULT_PRIVATE_TARGET = "http://127.0.0.2:9"
 NOINDEX_PREFIX = "/img-noindex/"  # robots.txt disallows it; "robots" faults live there
+MOVED_PAGE = "/moved/index.html"  # sites with "redirect_private" faults link it; it redirects there too
+REDIRECT_HOPS = 5  # a "slow_redirects" chain: the image after this many redirects (a crawler's usual limit)
+TRICKLED_STATUS_LINE = b"HTTP/1.1 200 OK"  # cycled without a line end: the status line never ends
+TRICKLED_HEADER_LINE = b"X-Trickle: one byte at a time\r\n"
 TOO_LARGE_CLAIMED_BYTES = 50 * 2**30  # the Content-Length a "too_large" response announces
 TOO_LARGE_CHUNK_BYTES = 64 * 2**10
 TOO_LARGE_MAX_BYTES = 256 * 2**20  # what it actually sends at most, if the client keeps reading
@@ -212,6 +226,8 @@ class Site:
             return Response(200, "text/html; charset=utf-8", html_text.encode("utf-8"))
         if path == "/robots.txt":
             return Response(200, "text/plain; charset=utf-8", self.robots_txt.encode("utf-8"))
+        if path == MOVED_PAGE and "redirect_private" in self.spec.fault_kinds:
+            return _redirect(private_target.rstrip("/") + path)
         entry = self.images.get(path)
         if entry is None:
             return _error_page(404, "Not Found")
@@ -234,6 +250,19 @@ class Site:
             return Response(200, "image/jpeg", b"", mode="too_large")
         if entry.fault == "bomb":
             return Response(200, "image/png", bomb_png())
+        if entry.fault == "trickle_status":
+            return Response(200, "image/jpeg", TRICKLED_STATUS_LINE, mode="trickle_status")
+        if entry.fault == "trickle_headers":
+            return Response(200, "image/jpeg", TRICKLED_HEADER_LINE, mode="trickle_headers")
+        if entry.fault == "slow_redirects":
+            hop = parse_qs(query).get("hop", ["0"])[0]
+            hop_n = int(hop) if hop.isdigit() else 0
+            if hop_n < REDIRECT_HOPS:
+                moved = _redirect(f"{path}?hop={hop_n + 1}")
+                return Response(moved.status, moved.content_type, moved.body, self.spec.hop_delay_seconds,
+                                moved.headers)
+        if entry.fault == "unidentified":
+            return Response(200, "image/jpeg", radiance_hdr())
         if entry.fault == "429" and self._throttle(path, count=method == "GET"):
             body = b"429 Too Many Requests: slow down\n"
             retry_after = (("Retry-After", str(self.spec.retry_after_seconds)),)
@@ -305,6 +334,14 @@ def _redirect(location: str) -> Response:
 
 _bomb_lock = threading.Lock()
 _bomb_cache: bytes | None = None
+
+
+def radiance_hdr(side: int = 8) -> bytes:
+    """The "unidentified" fault's body: a flat grey Radiance HDR (RGBE) image. OpenCV decodes the format,
+    Pillow cannot identify it: a downloader that sizes images with Pillow and lets the rest through
+    hands OpenCV a body it never checked."""
+    head = f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y {side} +X {side}\n".encode()
+    return head + bytes((128, 128, 128, 128)) * (side * side)
 
 
 def bomb_png() -> bytes:
@@ -424,6 +461,8 @@ def build_site(spec: SiteSpec) -> Site:
     for i in range(spec.n_pages):
         path = f"/page/{i}.html"
         pages[path] = _page_html(spec, i, by_page.get(path, []), rng)
+    if "redirect_private" in spec.fault_kinds:  # after every draw: the other pages do not move
+        pages["/"] = pages["/"].replace("</ul>", f'<li><a href="{MOVED_PAGE}">Moved gallery</a></li>\n</ul>', 1)
     return Site(spec, pages, images)
 
 

@@ -18,7 +18,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.input_dir("harvest") / CANDIDATES_FILE, ctx.out_dir,
         image_size=c.image_size, resize_mode=c.resize_mode, shard_size=c.shard_size, threads=c.threads,
         retries=c.retries, processes=ctx.cfg.cluster.processes, scheduler_address=ctx.cfg.cluster.scheduler_address,
-        policy=c.fetch_policy(ctx.cfg.http, ctx.cfg.web.enabled),
+        policy=c.fetch_policy(ctx.cfg.http, ctx.embedded_web),
     )  # fmt: skip
     create_table_artifact(
         key="crawl-status",

@@ -154,6 +154,9 @@ class StageContext:
     mlflow_run_id: str
     tracking_uri: str
     seed_url: str | None = None  # the embedded web's index page, when harvest starts from it
+    # the embedded web's host:port while this run serves it (harvest from it, crawl its URLs): the one
+    # loopback address the address guard lets through
+    embedded_web: str | None = None
 
     def input_dir(self, stage: str) -> Path:
         """The output directory of upstream stage `stage` (which the spec must declare)."""

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -104,3 +113,91 @@ class CountingServer(ThreadedServer):
     def _make_server(self) -> "_CountingHTTPServer":
         return _CountingHTTPServer(self._address, self)
 
+
+
+class _TrickleHandler(BaseHTTPRequestHandler):
+    server: "_TrickleHTTPServer"
+
+    def handle_one_request(self) -> None:
+        # Read the request line and headers, then never answer properly: one byte of an endless
+        # status line per interval, until the client hangs up (or the server stops).
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline or not self.parse_request():
+            return
+        owner = self.server.owner
+        owner._record(self.command, self.path)
+        self.close_connection = True
+        pattern, index = b"HTTP/1.1 200 OK", 0
+        self.connection.settimeout(5)
+        try:
+            while not owner.stopping.wait(owner.interval):
+                self.wfile.write(pattern[index % len(pattern):index % len(pattern) + 1])
+                index += 1
+        except OSError:  # the client left
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _TrickleHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], owner: "TrickleServer"):
+        self.owner = owner
+        super().__init__(address, _TrickleHandler)
+
+
+class TrickleServer(CountingServer):
+    """A host whose every answer, robots.txt included, is a status line sent one byte per `interval`
+    seconds that never ends: only a deadline on the whole request frees the client. Counts requests."""
+
+    _thread_name = "trickle-server"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, interval: float = 0.2):
+        self.interval = interval
+        self.stopping = threading.Event()
+        super().__init__(host, port)
+
+    def _make_server(self) -> "_TrickleHTTPServer":
+        self.stopping.clear()
+        return _TrickleHTTPServer(self._address, self)
+
+    def _before_shutdown(self) -> None:
+        self.stopping.set()
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str, cwd: Path, startup_s: float = 180) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` on a free loopback port, from the venv's own CLI, until the
+    block ends (the CLI and its uvicorn workers are stopped together); yields its base URL once /ping
+    answers."""
+    from flows.stages.train import free_loopback_port
+
+    port = free_loopback_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn from there
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+        except ProcessLookupError:
+            pass  # already gone
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
