@@ -15,7 +15,6 @@ engine's (one source of defaults).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -30,7 +29,7 @@ from pydantic import (
 )
 
 from clip.train_config import TrainConfig as EngineTrainConfig
-from data.common.http import DEFAULT_USER_AGENT, HttpPolicy
+from data.common.http import DEFAULT_USER_AGENT, HttpPolicy, parse_allowed_address
 from data.common.urls import redact_urls
 from data.crawl.fetch import FetchPolicy
 from data.dedup.phash import DEFAULT_MAX_DISTANCE
@@ -127,12 +126,11 @@ class HttpConfig(Section):
     @field_validator("allowed_addresses")
     @classmethod
     def _addresses(cls, v: list[str]) -> list[str]:
-        for entry in v:
-            if "/" in entry:
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"expected an IP, CIDR or host name, got {entry!r}") from None
+        for entry in v:  # the guard's own parser: what passes here is what the guard understands
+            try:
+                parse_allowed_address(entry)
+            except ValueError:
+                raise ValueError(f"expected an IP, CIDR or host name, optionally with :port, got {entry!r}") from None
         return v
 
 

@@ -54,6 +54,9 @@ DEFAULT_TEMPLATES = ("{c}", "a photo of {c}.", "an image of {c}.")
 _PATH_OR_URL_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:|~|\.\.?[/\\]|[A-Za-z]:[\\/]|\\\\)"
                              r"|\.(?:png|jpe?g|gif|bmp|webp|tiff?)$", re.IGNORECASE)
 _DATA_URI_RE = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
+# Pixels one request image may have, read from its header before decoding: Pillow's own guard only
+# fires near 179 Mpx (about 0.5 GB once converted to RGB), per row of a request anyone may send.
+SERVED_MAX_PIXELS = 40_000_000  # the crawl's default cap (crawl.max_image_pixels)
 
 
 def _bad_image(row: int, text: str | None, why: str) -> Exception:
@@ -117,8 +120,14 @@ class WitclipZeroShotModel(mlflow.pyfunc.PythonModel):
         else:
             raise _bad_image(row, None, f"a value of type {type(item).__name__}")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # the header only
+            width, height = image.size
+            if width * height > SERVED_MAX_PIXELS:
+                raise _bad_image(row, None, f"{width}x{height} pixels, over the {SERVED_MAX_PIXELS} a served "
+                                            "image may have")
             return image.convert("RGB")
+        except mlflow.exceptions.MlflowException:
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure (PIL raises several kinds) is the request's
             raise _bad_image(row, text, f"not a readable image ({type(e).__name__})") from None
 

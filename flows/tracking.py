@@ -137,7 +137,10 @@ def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, c
     ]
     if metrics:
         client.log_batch(run_id, metrics=metrics)
-    client.log_artifact(run_id, str(manifest_path), artifact_path=f"manifests/{stage}")
+    from data.common.urls import redact_urls
+
+    # the run's copy: a seed URL or URL list with a token in it stays on this machine
+    client.log_text(run_id, redact_urls(manifest_path.read_text()), f"manifests/{stage}/{manifest_path.name}")
 
 
 def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict[str, Any],

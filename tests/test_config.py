@@ -171,3 +171,10 @@ def test_a_rank_given_a_bad_spec_json_stops_with_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: {path} engine: unknown key(s) learning_rate; missing key(s) lr")
+
+
+@pytest.mark.parametrize("entry", ["host:99999", "a b", "10.0.0.1:0"])
+def test_an_allowed_address_the_guard_would_not_understand_is_refused_at_load(entry):
+    with pytest.raises(UserError, match="expected an IP, CIDR or host name, optionally with :port"):
+        load_config(None, [f"http.allowed_addresses=[{entry}]"])
+    assert load_config(None, ["http.allowed_addresses=[10.0.0.0/8:80, '[::1]:8080', example.com:443]"])

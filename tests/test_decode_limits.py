@@ -72,6 +72,32 @@ def test_decode_cost_reads_the_header_and_charges_alpha_more():
     palette.save(out, "PNG", transparency=0)
     assert decode_cost(out.getvalue()) == 100 * ALPHA_BYTES_PER_PIXEL
     assert decode_cost(b"<html>not an image</html>") == 0
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (30, 20)).save(cmyk, "TIFF")  # OpenCV decodes it to 4 channels: img2dataset blends them
+    assert decode_cost(cmyk.getvalue()) == 30 * 20 * ALPHA_BYTES_PER_PIXEL
+
+
+def test_a_large_image_waiting_for_the_budget_is_not_overtaken():
+    budget = DecodeBudget(100)
+    order: list[str] = []
+    first = budget.hold(60)
+    first.__enter__()
+
+    def take(name: str, n: int) -> None:
+        with budget.hold(n):
+            order.append(name)
+
+    large = threading.Thread(target=take, args=("large", 100))
+    large.start()
+    time.sleep(0.1)  # the large one is queued, waiting for the 60 to be given back
+    small = threading.Thread(target=take, args=("small", 10))
+    small.start()
+    time.sleep(0.1)
+    assert order == []  # 10 would fit beside the 60, but it queued behind the large one
+    first.__exit__(None, None, None)
+    large.join(5)
+    small.join(5)
+    assert order == ["large", "small"] and budget.used == 0
 
 
 def test_the_budget_runs_what_fits_side_by_side_and_the_rest_in_turn():

@@ -265,9 +265,22 @@ def test_seed_redirect_target_joins_the_allowlist_only_for_the_seed(tmp_path):
         counts = harvest_site(site.url, tmp_path, policy=loopback(5))
     assert {c for _, c, _ in _triples(tmp_path)} == {"home", "next", "last"}
     assert site.log == ["/robots.txt", "/", "/away"]
-    assert other.log == ["/home.html", "/robots.txt", "/next.html", "/last.html"]
-    assert third.log == ["/t.html"]  # fetched through the redirect, neither parsed nor followed
+    # each redirect hop's origin is asked for its robots.txt before the hop is requested
+    assert other.log == ["/robots.txt", "/home.html", "/next.html", "/last.html"]
+    assert third.log == ["/robots.txt", "/t.html"]  # fetched through the redirect, neither parsed nor followed
     assert counts["pages_fetched"] == 3 and counts["page_errors"] == 0
+
+
+def test_a_redirect_hop_that_robots_txt_disallows_is_not_requested(tmp_path):
+    with RouteServer() as other, RouteServer() as site:
+        other.routes["/robots.txt"] = (200, [("Content-Type", "text/plain")], b"User-agent: *\nDisallow: /private/\n")
+        other.routes["/private/p.html"] = html_page('<img src="/i/p.jpg" alt="private">')
+        site.routes["/"] = html_page('<a href="/go">go</a><img src="/i/h.jpg" alt="home">')
+        site.routes["/go"] = redirect(other.url + "private/p.html")
+        counts = harvest_site(site.url, tmp_path, policy=loopback(5))
+    assert other.log == ["/robots.txt"]
+    assert counts["page_errors"] == 1 and counts["page_error_reasons"] == {"robots_disallowed": 1}
+    assert {c for _, c, _ in _triples(tmp_path)} == {"home"}
 
 
 # ---------------------------------------------------- the tokenizer against html.parser

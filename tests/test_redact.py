@@ -46,6 +46,8 @@ SHA = "a" * 64
     ("https://h/cb#access_token=t&state=s", "https://h/cb#access_token=***&state=s"),
     ("https://u:p@h:8443/x?Token=1", "https://***@h:8443/x?Token=***"),
     ("https://h/x?sp=keep&sv=keep", "https://h/x?sp=keep&sv=keep"),  # no sig: not an Azure SAS
+    ("https://h/x?a=1;token=s&b=2", "https://h/x?a=1;token=***&b=2"),  # ";" separates parameters too
+    ("https://h/x?bearer=abc", "https://h/x?bearer=***"),
 ])
 def test_redact_url(url, expected):
     assert redact_url(url) == expected

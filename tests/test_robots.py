@@ -229,8 +229,9 @@ def test_a_forbidden_origin_gets_no_verdict_and_no_connection():
     with CountingServer("127.0.0.2") as private:
         private.start()
         robots = _cache()
-        # No verdict: the request itself meets the guard (the Fetcher says private_address).
-        assert _reason(robots, f"{private.url}/a.jpg") == "allowed"
+        # No verdict cached: the request is refused for the guard's reason, and its robots.txt never asked
+        assert _reason(robots, f"{private.url}/a.jpg") == "private_address"
+        assert not robots._entries[robots.robots_url(f"{private.url}/a.jpg")].verdict
         fetcher = Fetcher(FetchPolicy(timeout=1.0, deadline=2.0, allowed_addresses=("127.0.0.1",)))
         with pytest.raises(HttpError) as err:
             fetcher.get(f"{private.url}/a.jpg")
@@ -268,3 +269,13 @@ def test_unsupported_urls_are_not_robots_questions():
         _cache().check("ftp://127.0.0.1/a.jpg")
     assert RobotsCache.robots_url("HTTP://Example.TEST:80/a/b?c") == "http://example.test/robots.txt"
     assert RobotsCache.robots_url("https://[::1]:8443/x") == "https://[::1]:8443/robots.txt"
+
+
+def test_a_request_short_of_time_does_not_keep_the_origin_out_for_others(server):
+    """A redirect hop late in its request's budget may not finish the robots.txt fetch; that says
+    nothing about the origin: this request is refused, nothing is cached, the next one fetches again."""
+    server.routes["/robots.txt"] = answer(200, RULES, delay=1.0)
+    robots = _cache()
+    assert _reason(robots, server.url + "/a.jpg", deadline=time.monotonic() + 0.3) == "robots_unavailable"
+    assert robots._entries[robots.robots_url(server.url + "/a.jpg")].verdict is None
+    assert _reason(robots, server.url + "/a.jpg") == "allowed" and server.hits["/robots.txt"] == 2

@@ -92,3 +92,22 @@ def test_base64_and_data_uri_images_are_answered_200(served):
         assert abs(sum(row["scores"]) - 1) < 1e-4 and row["score"] == max(row["scores"])
         rows.append(row)
     assert rows[0] == rows[1]
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header():
+    """A request image is sized from its header before decoding: 48 Mpx never reaches convert('RGB')."""
+    import struct
+    import zlib
+
+    import mlflow
+
+    from flows.registry import SERVED_MAX_PIXELS, WitclipZeroShotModel
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 8000, 6000, 8, 2, 0, 0, 0)  # 8000 x 6000 RGB, 48 Mpx > the cap
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    assert 8000 * 6000 > SERVED_MAX_PIXELS
+    with pytest.raises(mlflow.exceptions.MlflowException, match="8000x6000 pixels, over the"):
+        WitclipZeroShotModel._load_image(base64.b64encode(png).decode(), row=3)

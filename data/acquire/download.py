@@ -283,7 +283,10 @@ class _Downloader:
             entry = None
         if not item.dest.is_file():
             return None
-        if self.m.path is None:
+        if self.m.path is None:  # no manifest to trust: a pinned file is hashed, anything else taken as is
+            if item.sha256 is not None and sha256_file(item.dest) != item.sha256.lower():
+                item.dest.unlink(missing_ok=True)
+                return None
             return "present"
         if entry is None:
             return None  # not fetched by us (or the manifest was lost): fetched again, replaced when whole
@@ -511,7 +514,7 @@ def download_files(
             split_url(it.url)
         except HttpError as err:
             raise ValueError(redact_urls(err.detail)) from None
-        if it.sha256 is not None and not _SHA256_RE.match(it.sha256.lower()):
+        if it.sha256 is not None and not _SHA256_RE.fullmatch(it.sha256.lower()):
             raise ValueError(f"sha256 {it.sha256!r} for {redact_urls(it.url)}: expected 64 hex digits")
     dests = [os.path.abspath(it.dest) for it in todo]
     if len(set(dests)) != len(dests):

@@ -25,8 +25,8 @@ What an `HttpPolicy` decides, on every hop of every request:
   `http(s)_proxy`, which the guard could not check.
 - the user agent: `DEFAULT_USER_AGENT`, one for harvest, crawl and downloads.
 - redirects, followed by hand (each hop guarded again), at most `max_redirects`; a loop is an error.
-- time: `timeout` bounds each blocking operation (name lookup and connect: `connect_timeout`; the TLS
-  handshake, sending, every read of the status line, headers and body: `timeout`). A caller's
+- time: `timeout` bounds each blocking operation (name lookup, connect and the TLS handshake:
+  `connect_timeout`; sending, every read of the status line, headers and body: `timeout`). A caller's
   `deadline` (a `time.monotonic()` instant) is ONE budget that all of them draw from: the lookup, the
   connect, the handshake, the status line and headers (read through a deadline-aware reader, so a
   server trickling one header byte a second gains nothing), the body, every redirect hop of `open`
@@ -55,14 +55,15 @@ Failures raise `HttpError`: a stable `reason` code, a `detail` for one-line mess
 (host:port or the proxy) when nothing usable answered there, and `permanent` when retrying cannot
 help. The codes:
 
-    unsupported_url, dns_error, private_address, connection_error, tls_error, timeout,
+    unsupported_url, dns_error, dns_busy, private_address, connection_error, tls_error, timeout,
     deadline_exceeded, too_large, incomplete_body, redirect_loop, too_many_redirects, http_<status>,
     robots_disallowed, robots_unavailable
 
 `timeout` is one blocking operation stalling for the per-operation timeout; `deadline_exceeded` is the
 request's deadline ending it, whatever it was doing (a trickled status line or headers, a slow chain of
 redirects, a body that drips). A name lookup stopped by `connect_timeout` is `dns_error`; one still
-pending when the deadline passes is `deadline_exceeded` (its detail says it was the lookup).
+pending when the deadline passes is `deadline_exceeded` (its detail says it was the lookup);
+`dns_busy` is this process having `MAX_PENDING_LOOKUPS` lookups in flight already.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 from data.common.errors import one_line
@@ -91,12 +92,14 @@ from data.common.errors import one_line
 DEFAULT_USER_AGENT = "witclip/0.1 (+https://github.com/witclip/witclip; image-text dataset crawler)"
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 CHUNK_BYTES = 1 << 16
-MAX_PENDING_LOOKUPS = 256  # name lookups in flight at once (one helper thread each); more: dns_error
+MAX_PENDING_LOOKUPS = 256  # name lookups in flight at once (one helper thread each); more: dns_busy
 
 ROBOTS_MAX_BYTES = 512 << 10  # RFC 9309: parse at least 500 KiB
 ROBOTS_MAX_REDIRECTS = 5  # RFC 9309: follow at least five consecutive redirects
 ROBOTS_RETRIES = 2  # fetches of an unreachable robots.txt after the first, before the origin stays disallowed
 ROBOTS_BACKOFF_SECONDS = 4.0  # wait before the first of those; doubles for each further one
+ROBOTS_MAX_AGE_SECONDS = 24 * 3600.0  # RFC 9309 2.4: a cached robots.txt is not used for longer than a day
+ROBOTS_MAX_ORIGINS = 100_000  # origins a RobotsCache remembers; the oldest are forgotten (fetched again)
 
 # Addresses that are not private by RFC but are the metadata services of cloud providers:
 # an SSRF into them leaks credentials. (169.254.169.254 is link-local anyway; listed for the reason.)
@@ -197,16 +200,30 @@ def hostport(host: str, port: int) -> str:
 
 
 def split_url(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, request target) of an http(s) URL; HttpError('unsupported_url') otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    """(scheme, host, port, request target) of an http(s) URL; HttpError('unsupported_url') otherwise.
+    The request target is sent as ASCII: what a page wrote raw (non-ASCII, spaces, control characters)
+    is percent-encoded as UTF-8, existing escapes kept; a non-ASCII host name becomes its IDNA form."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # an unclosed IPv6 bracket, a bracketed name
+        raise HttpError("unsupported_url", f"unparsable URL {url[:200]!r}", permanent=True) from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise HttpError("unsupported_url", f"not an http(s) URL: {url[:200]!r}", permanent=True)
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise HttpError("unsupported_url", f"bad port in URL {url[:200]!r}", permanent=True) from None
+    if not hostname.isascii():
+        try:
+            hostname = hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise HttpError("unsupported_url", f"host name not valid IDNA in {url[:200]!r}", permanent=True) from None
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.scheme, parts.hostname, port, target
+    return parts.scheme, hostname, port, quote(target, safe=_TARGET_SAFE)
+
+
+_TARGET_SAFE = "!#$%&'()*+,/:;=?@[]~"  # reserved characters and "%": kept as written (quote keeps A-Za-z0-9_.-~)
 
 
 # ----------------------------------------------------------------------------------- time budget
@@ -267,7 +284,7 @@ def _shared_lookup(host: str, port: int) -> _Lookup:
         if lookup is not None:
             return lookup
         if len(_LOOKUPS) >= MAX_PENDING_LOOKUPS:
-            raise HttpError("dns_error", f"{len(_LOOKUPS)} name lookups still pending; {host} not tried",
+            raise HttpError("dns_busy", f"{len(_LOOKUPS)} name lookups still pending; {host} not tried",
                             where=hostport(host, port))
         lookup = _LOOKUPS[host] = _Lookup()
 
@@ -321,7 +338,7 @@ def resolve(host: str, port: int, timeout: float, *, deadline: float | None = No
 _WITH_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<plain>[^:\[\]]+)):(?P<port>\d{1,5})$")
 
 
-def _allow_entry(entry: str) -> tuple[Any, int | None]:
+def parse_allowed_address(entry: str) -> tuple[Any, int | None]:
     """(ip_network or lower-case host name, port or None for any) of one `allowed_addresses` entry."""
     text = entry.strip()
     try:
@@ -339,7 +356,7 @@ def _allow_entry(entry: str) -> tuple[Any, int | None]:
     try:
         return ipaddress.ip_network(text, strict=False), port
     except ValueError:
-        if not text or any(c in text for c in "/[]: "):
+        if not text or any(c in text for c in "/[]: *"):  # "*.example.com" would never match: refused
             raise ValueError(f"allowed_addresses entry {entry!r} is not an IP, CIDR, host name or "
                              "one of them with :port") from None
         return text.lower().rstrip("."), port
@@ -354,7 +371,7 @@ class AddressGuard:
         self.networks: list[tuple[Any, int | None]] = []
         self.hosts: list[tuple[str, int | None]] = []
         for entry in allowed:
-            target, port = _allow_entry(entry)
+            target, port = parse_allowed_address(entry)
             (self.hosts if isinstance(target, str) else self.networks).append((target, port))
 
     def _host_allowed(self, host: str, port: int) -> bool:
@@ -671,6 +688,9 @@ class HttpClient:
             conn.close()
             raise HttpError("connection_error", f"connection closed without an HTTP response "
                                                 f"({one_line(err, with_type=False)})", where=where) from None
+        except ValueError as err:  # a header value http.client refuses to send (non-ASCII, a line break)
+            conn.close()
+            raise HttpError("unsupported_url", f"request not sendable ({one_line(err)})", permanent=True) from None
         return Response(conn, raw, url, budget)
 
     def open(self, url: str, method: str = "GET", headers: dict[str, str] | None = None, *,
@@ -734,8 +754,13 @@ class HttpClient:
 
 
 def redirect_target(url: str, location: str) -> str:
-    """Where a redirect from `url` with this Location header points (relative ones resolved)."""
-    return urljoin(url, location.strip())
+    """Where a redirect from `url` with this Location header points (relative ones resolved);
+    HttpError('unsupported_url') for a Location urllib cannot parse ("http://[x/")."""
+    try:
+        return urljoin(url, location.strip())
+    except ValueError:
+        raise HttpError("unsupported_url", f"unparsable redirect Location {location[:200]!r}",
+                        permanent=True) from None
 
 
 @dataclass(frozen=True)
@@ -920,6 +945,7 @@ class _RobotsEntry:
     verdict: _RobotsVerdict | None = None
     failures: int = 0  # unreachable fetches in a row
     retry_at: float = math.inf  # monotonic time from which an unreachable robots.txt is fetched again
+    fetched_at: float = 0.0  # monotonic time of the fetch the verdict came from
 
 
 class RobotsCache:
@@ -973,12 +999,16 @@ class RobotsCache:
         with self._lock:
             entry = self._entries.get(robots_url)
             if entry is None:
+                while len(self._entries) >= ROBOTS_MAX_ORIGINS:  # a worker crawling many hosts stays bounded
+                    del self._entries[next(iter(self._entries))]  # the oldest; a thread using it keeps its own
                 entry = self._entries[robots_url] = _RobotsEntry()
             return entry
 
     @staticmethod
     def _due(entry: _RobotsEntry) -> bool:
-        return entry.verdict is None or (entry.verdict.unreachable is not None and time.monotonic() >= entry.retry_at)
+        now = time.monotonic()
+        return (entry.verdict is None or now - entry.fetched_at >= ROBOTS_MAX_AGE_SECONDS
+                or (entry.verdict.unreachable is not None and now >= entry.retry_at))
 
     def _verdict(self, robots_url: str, deadline: float | None) -> _RobotsVerdict:
         entry = self._entry(robots_url)
@@ -996,8 +1026,7 @@ class RobotsCache:
         try:
             if self._due(entry):
                 fetched = self._fetch(robots_url, deadline)
-                if fetched is None:
-                    return _ALLOW_ALL  # the guard refuses the origin itself: no verdict to cache
+                entry.fetched_at = time.monotonic()
                 if fetched.unreachable is None:
                     entry.failures, entry.retry_at = 0, math.inf
                 else:
@@ -1009,11 +1038,17 @@ class RobotsCache:
         finally:
             entry.lock.release()
 
-    def _fetch(self, robots_url: str, deadline: float | None) -> _RobotsVerdict | None:
-        """The verdict of one fetch (its redirects followed), or None when the address guard refuses
-        the robots.txt's own host: then the request that asked is refused by the guard too, with the
-        reason that says so (private_address), and nothing is cached."""
+    def _fetch(self, robots_url: str, deadline: float | None) -> _RobotsVerdict:
+        """The verdict of one fetch (its redirects followed), to be cached. Raises instead, caching
+        nothing, when the failure says nothing about the origin: the address guard refuses the
+        robots.txt's own host (private_address: the request that asked is refused for that reason),
+        this process has too many name lookups pending (dns_busy), or the asking request's own
+        deadline, shorter than a robots.txt fetch may take, ran out (robots_unavailable for that
+        request only: a redirect hop late in its budget must not keep a CDN out for the crawl)."""
         own = time.monotonic() + self.deadline_seconds
+        # a request that asks first thing has (about) a whole fetch's time; one with under 90 % left of it
+        # was cut short by its own earlier work, and its timeout says nothing about the origin
+        caller_bound = deadline is not None and deadline < own - 0.1 * self.deadline_seconds
         deadline = own if deadline is None else min(deadline, own)
         hops = 0
 
@@ -1040,6 +1075,9 @@ class RobotsCache:
         except HttpError as err:
             if err.reason in ("too_many_redirects", "redirect_loop"):
                 return _ALLOW_ALL  # RFC 9309 2.3.1.2: more than five redirects may be taken as unavailable
-            if err.reason == "private_address" and hops == 1:
-                return None
+            if (err.reason == "private_address" and hops == 1) or err.reason == "dns_busy":
+                raise
+            if err.reason == "deadline_exceeded" and caller_bound:
+                raise HttpError("robots_unavailable", f"{robots_url} not fetched within this request's deadline",
+                                where=err.where) from None
             return _RobotsVerdict(unreachable=err)

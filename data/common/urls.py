@@ -59,7 +59,7 @@ def is_http_url(url: str) -> bool:
 REDACTED = "***"
 # parameter names (lower-case, "-" as "_") whose value is a secret wherever they appear
 _SECRET_NAMES = frozenset({
-    "key", "sig", "pwd", "pass", "auth", "authorization", "code", "jwt", "otp", "hmac", "ticket", "sid",
+    "key", "sig", "pwd", "pass", "auth", "authorization", "bearer", "code", "jwt", "otp", "hmac", "ticket", "sid",
 })
 # ... and names that contain one of these: access_token, X-Amz-Signature / X-Amz-Credential /
 # X-Amz-Security-Token, X-Goog-Signature / X-Goog-Credential, AWSAccessKeyId, client_secret, api_key...
@@ -78,8 +78,10 @@ def is_secret_param(name: str) -> bool:
 
 
 def _redact_params(text: str) -> str:
-    """``a=1&token=x`` -> ``a=1&token=***``: values of secret-looking names replaced, the rest as written."""
-    pairs = text.split("&")
+    """``a=1&token=x`` -> ``a=1&token=***``: values of secret-looking names replaced, the rest as written
+    (";" separates parameters too, as some servers take it)."""
+    pairs = re.split(r"([&;])", text)
+    seps, pairs = pairs[1::2], pairs[0::2]
     names = [unquote_plus(p.split("=", 1)[0]).strip().lower() for p in pairs]
     sas = "sig" in names  # an Azure SAS: its signed fields go with the signature
     out = []
@@ -87,7 +89,7 @@ def _redact_params(text: str) -> str:
         if "=" in pair and (is_secret_param(name) or (sas and name in _AZURE_SAS)):
             pair = f"{pair.split('=', 1)[0]}={REDACTED}"
         out.append(pair)
-    return "&".join(out)
+    return "".join(p + s for p, s in zip(out, [*seps, ""]))
 
 
 def redact_url(url: str) -> str:

@@ -79,10 +79,12 @@ def make_download_image(fetcher: Fetcher) -> Callable[..., Any]:
     return download_image
 
 
-def _download_shard_task(downloader: Any, shard: tuple[int, str], policy: FetchPolicy) -> tuple[bool, int]:
-    """Dask task: download one img2dataset shard. Returns (ok, shard_id)."""
+def _download_shard_task(downloader_bytes: bytes, shard: tuple[int, str], policy: FetchPolicy) -> tuple[bool, int]:
+    """Dask task: download one img2dataset shard with the pickled img2dataset Downloader. Returns
+    (ok, shard_id)."""
     from img2dataset import downloader as i2d
 
+    downloader = pickle.loads(downloader_bytes)
     shard_id, _ = shard
     # A shard whose stats exist is finished (stats are written last by img2dataset); this can
     # happen when a worker died between writing stats and reporting back.
@@ -287,6 +289,7 @@ def _distribute(
     ) as bar:
         n_workers = len(client.scheduler_info().get("workers", {})) or processes
         worker_policy = per_process_policy(policy, n_workers)
+        downloader_bytes = pickle.dumps(downloader)  # once: every task's payload embeds the same bytes
         for attempt in range(max_shard_retry + 1):
             if not pending:
                 break
@@ -297,7 +300,7 @@ def _distribute(
                     # OpenCV's own pixel limit is set in the worker before the task's objects load it
                     run_with_opencv_limit,
                     policy.max_pixels,
-                    pickle.dumps((_download_shard_task, (downloader, shard, worker_policy))),
+                    pickle.dumps((_download_shard_task, (downloader_bytes, shard, worker_policy))),
                     key=f"img2dataset-shard-{crawl_shard_stem(shard[0])}-{run_id}-try{attempt}",
                     pure=False,
                     # Dask already reschedules a task whose worker died (allowed-failures);

@@ -8,7 +8,9 @@ so 16 such images at once would need 44 GB.
 
 `BoundedResizer` runs the Resizer unchanged, but first reads the image's size and mode from its header
 (Pillow; no decoding) and holds that image's estimated cost from a per-process `DecodeBudget` while it
-decodes. Small images run side by side as before; an image at the cap runs alone. An image whose cost
+decodes: the alpha rate for a 4-band image, one with a transparency entry, and any format but JPEG,
+PNG, GIF and WebP (OpenCV hands img2dataset a CMYK TIFF or an RGBX BMP as 4 channels, which it blends
+as alpha). Small images run side by side as before; an image at the cap runs alone. An image whose cost
 alone exceeds the budget takes all of it. A worker's decoding memory is thus bounded by the budget
 (`DECODE_BUDGET_BYTES`, 3 GiB) plus one thread's share beyond it, whatever the web sends.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,24 +29,33 @@ from img2dataset.resizer import Resizer
 DECODE_BUDGET_BYTES = 3 << 30  # per worker process: one RGBA image at the 40-Mpx cap fits
 ALPHA_BYTES_PER_PIXEL = 80  # measured 72: decode + img2dataset's float64 alpha blend, with headroom
 OPAQUE_BYTES_PER_PIXEL = 8  # measured 3: decode (up to 16 bits a channel) + the resize's copies
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}  # and any mode with a "transparency" entry
+# Charged the cheap rate: formats whose OpenCV decode never has a 4th channel unless Pillow sees alpha.
+# Anything else (TIFF, BMP, ... where OpenCV returns CMYK or RGBX as 4 channels and img2dataset blends
+# them as alpha) pays the alpha rate, as do 4-band modes and a "transparency" entry.
+_OPAQUE_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
 
 
 class DecodeBudget:
     """A weighted semaphore over bytes: `hold(n)` waits until n more bytes fit (n is capped at the
-    total, so any single image can run)."""
+    total, so any single image can run). First come, first served: a large image waiting for room is
+    not overtaken by small ones forever."""
 
     def __init__(self, total: int):
         self.total = total
         self.used = 0
         self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
 
     @contextmanager
     def hold(self, n: int) -> Iterator[None]:
         n = max(0, min(int(n), self.total))
+        ticket = object()
         with self._cond:
-            self._cond.wait_for(lambda: self.used + n <= self.total)
+            self._queue.append(ticket)
+            self._cond.wait_for(lambda: self._queue[0] is ticket and self.used + n <= self.total)
+            self._queue.popleft()
             self.used += n
+            self._cond.notify_all()  # the next in line may fit too
         try:
             yield
         finally:
@@ -63,7 +75,8 @@ def decode_cost(body: bytes) -> int:
     try:
         with Image.open(io.BytesIO(body)) as image:  # the header only
             width, height = image.size
-            alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+            alpha = (image.format not in _OPAQUE_FORMATS or len(image.getbands()) == 4
+                     or "transparency" in image.info)
     except Exception:  # noqa: BLE001 - unreadable headers are the fetcher's business, not the budget's
         return 0
     return width * height * (ALPHA_BYTES_PER_PIXEL if alpha else OPAQUE_BYTES_PER_PIXEL)

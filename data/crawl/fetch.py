@@ -78,7 +78,7 @@ class FetchPolicy:
     max_bytes: int = 32 << 20
     max_pixels: int = 40_000_000  # width * height from the header, before any decoding
     max_redirects: int = 5
-    allowed_addresses: tuple[str, ...] = ()  # IPs / CIDRs / host names exempt from the address guard
+    allowed_addresses: tuple[str, ...] = ()  # exempt from the address guard: HttpPolicy.allowed_addresses
     user_agent: str = DEFAULT_USER_AGENT
     robots_txt: bool = True
     x_robots_directives: tuple[str, ...] = DEFAULT_X_ROBOTS_DIRECTIVES

@@ -45,6 +45,7 @@ no `<iframe srcdoc>` documents, no NUL or CR/LF normalisation of values, and scr
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from dataclasses import dataclass, field
 from html import unescape as _unescape
@@ -277,6 +278,9 @@ def unescape_attribute(value: str) -> str:
 def _decode_charref(m: re.Match[str]) -> str:
     ref = m.group(1)
     if ref[0] == "#":  # numeric: html.unescape's handling (invalid code points, C1 remapping)
+        digits = ref[2:] if ref[1:2] in ("x", "X") else ref[1:]
+        if len(digits.rstrip(";").lstrip("0")) > 8:  # past U+10FFFF, and int() refuses 4,300+ digits
+            return "\ufffd"
         return _unescape(m.group(0))
     if ref in _ENTITIES:  # "amp;", "eacute;" and the legacy ones without ";" ("amp", "copy")
         if ref.endswith(";"):
@@ -346,6 +350,8 @@ class _SrcsetBest:
                 size = float(d[:-1])
             except ValueError:
                 continue  # "h" descriptors or junk: not comparable
+            if not (math.isfinite(size) and size > 0):
+                continue  # "nanw", "infx", "0w": no real size, and "nan" would never be beaten
             if d.endswith("w") and (self.w is None or size > self.w[0]):
                 self.w = (size, url)
             elif d.endswith("x") and (self.x is None or size > self.x[0]):

@@ -19,7 +19,17 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from data.common.http import HttpClient, HttpError, HttpPolicy, Response, RobotsCache
+from data.common.http import (
+    REDIRECT_STATUSES,
+    HttpClient,
+    HttpError,
+    HttpPolicy,
+    Redirect,
+    Response,
+    RobotsCache,
+    follow_redirects_with,
+    redirect_target,
+)
 from data.common.urls import is_http_url, normalise_for_fetch, redact_url, redact_urls
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
@@ -40,17 +50,30 @@ def _host_allowed(url: str, allowed: set[str]) -> bool:
     return parts.netloc.lower() in allowed or (parts.hostname or "").lower() in allowed
 
 
-def _fetch_page(client: HttpClient, url: str, deadline: float) -> tuple[str, str, bytes, str | None, set[str]]:
+def _fetch_page(client: HttpClient, url: str, deadline: float,
+                robots: RobotsCache | None = None) -> tuple[str, str, bytes, str | None, set[str]]:
     """GET url by `deadline` (a time.monotonic() instant) -> (final url after redirects, content type,
-    body, charset label or None, the netlocs that answered). HttpError for a failed request (a hop the
-    address guard refused included: reason private_address, nothing sent there) or an answer other
-    than 2xx (reason http_<status>)."""
+    body, charset label or None, the netlocs that answered). Every redirect hop is guarded again and,
+    with `robots`, checked against its own origin's robots.txt (the first URL is the caller's to
+    check). HttpError for a failed request (a hop the address guard refused included: reason
+    private_address, nothing sent there; a hop robots.txt keeps us from: robots_disallowed or
+    robots_unavailable) or an answer other than 2xx (reason http_<status>)."""
     answered: set[str] = set()  # hosts a response came from: each one got past the address guard
 
-    def note(response: Response) -> None:
-        answered.add(urlsplit(response.url).netloc.lower())
+    def hop(hop_url: str) -> Response | Redirect:
+        if robots is not None and hop_url != url:
+            robots.check(hop_url, deadline=deadline)
+        response = client.request(hop_url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline)
+        answered.add(urlsplit(hop_url).netloc.lower())
+        if response.status not in REDIRECT_STATUSES:
+            return response
+        location = response.header("Location")
+        response.close()
+        if not location:
+            raise HttpError(f"http_{response.status}", "redirect without Location")
+        return Redirect(redirect_target(hop_url, location))
 
-    with client.open(url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline, on_response=note) as response:
+    with follow_redirects_with(url, hop, client.policy.max_redirects) as response:
         if not 200 <= response.status < 300:
             raise HttpError(f"http_{response.status}", f"HTTP {response.status}")
         ctype, charset = parse_content_type(response.header("Content-Type"))
@@ -144,7 +167,8 @@ def harvest_site(
                 except HttpError as err:
                     if err.reason == "robots_disallowed":
                         if url == seed:
-                            raise PermissionError(f"seed URL {seed} is disallowed by {robots.robots_url(seed)} "
+                            raise PermissionError(f"seed URL {redact_url(seed)} is disallowed by "
+                                                  f"{redact_url(robots.robots_url(seed))} "
                                                   f"for {client.policy.user_agent!r}") from None
                         counts["robots_disallowed"] += 1
                         continue
@@ -153,7 +177,7 @@ def harvest_site(
             bar.update(1)
             if failure is None:
                 try:
-                    final_url, ctype, body, charset, answered = _fetch_page(client, url, deadline)
+                    final_url, ctype, body, charset, answered = _fetch_page(client, url, deadline, robots)
                 except HttpError as err:  # a fault of the world (or a hop the guard refused), not ours
                     failure = err
             if failure is not None:
