@@ -483,3 +483,10 @@ def test_unescape_attribute():
     assert unescape_attribute("&amp;&lt;&gt;&quot;&#39;&#x41;&#66&eacute;&eacute") == "&<>\"'ABéé"
     assert unescape_attribute("&copy 2024 &notin; &notit; &notx") == "© 2024 ∉ &notit; &notx"
     assert unescape_attribute("&bogus; & &#xZZ;") == "&bogus; & &#xZZ;"
+
+
+def test_a_numeric_reference_of_thousands_of_digits_is_a_replacement_character():
+    from data.harvest.html import parse_markup
+
+    page = parse_markup('<img src="a&#' + "1" * 5000 + ';" alt="&#x' + "0" * 20 + '41;">')
+    assert page.images == [("a\ufffd", "A")]

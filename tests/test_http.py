@@ -203,3 +203,17 @@ def test_plain_allowlist_entries_mean_any_port():
 def test_malformed_allowlist_entries_are_refused(entry):
     with pytest.raises(ValueError, match="allowed_addresses|expected"):
         AddressGuard([entry])
+
+
+def test_urls_a_page_wrote_raw_are_sent_as_ascii_or_refused_as_unsupported():
+    """A non-ASCII path or host, or a Location urllib cannot parse, must end as a reason code, never as
+    an exception of http.client's that escapes the crawl."""
+    from data.common.http import redirect_target, split_url
+
+    assert split_url("http://a/caf\u00e9 x?q=\u00e9&b=%20") == ("http", "a", 80, "/caf%C3%A9%20x?q=%C3%A9&b=%20")
+    assert split_url("http://caf\u00e9.example/x")[1] == "xn--caf-dma.example"
+    for bad in ("http://[x/", "http://[example.com]/"):
+        with pytest.raises(HttpError, match="unsupported_url"):
+            split_url(bad)
+    with pytest.raises(HttpError, match="unsupported_url"):
+        redirect_target("http://a/", "http://[x/")
