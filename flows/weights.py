@@ -9,17 +9,21 @@ version of the registered model (`witclip` by default) tagged with its lineage, 
 is pointed at it (moved if another version held it). `champion` belongs to the pipeline's promotion
 gate and is never set or moved here.
 
-Importing never runs code the checkpoint carries unless the user vouches for the file. A torch.save file
-is read with ``torch.load(weights_only=True)``; a TorchScript archive (a program: PyTorch documents no safe
+Importing never runs code the checkpoint carries unless the file is vouched for. A torch.save file is
+read with ``torch.load(weights_only=True)``; a TorchScript archive (a program: PyTorch documents no safe
 mode for torch.jit.load) is read by `clip.checkpoint.read_torchscript_weights`, which never compiles or
 runs its code. Only an archive that reader refuses (one whose classes carry their own ``__setstate__``,
-or other content it does not know) goes to torch.jit.load, and only when its sha256 is pinned (and
-matches) or ``trust_code`` (``--trust-code``) is given; otherwise it is refused with one line.
+or other content it does not know) goes to torch.jit.load, and only when it is vouched for: the user
+pinned its sha256 (``--sha256``, and it matches), it comes from an OpenAI CLIP release URL
+(`data.acquire.weights.openai_release_sha256`: OpenAI's hosts, ``/clip/models/<sha256>/<name>``, and it
+matches), or ``trust_code`` (``--trust-code``) is given; otherwise it is refused with one line.
 
-A pin is ``sha256`` (``--sha256``) or, for an OpenAI-style URL, the hash in its path
+A pin is ``sha256`` (``--sha256``) or the hash in an OpenAI-style URL's path on any host
 (`data.acquire.weights.pinned_sha256_from_url`); two that differ are an error. A pin is checked before
 anything is loaded (a download: before the file is renamed into place, and over any digest the server
-publishes). Whatever reaches MLflow or a message shows a URL through `data.common.urls.redact_url`.
+publishes). A URL's hash pins the bytes wherever it is, but anyone can name the hash of their own file
+in their own URL, so on another host it does not let code run. Whatever reaches MLflow or a message
+shows a URL through `data.common.urls.redact_url`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from data.acquire.weights import is_url, pinned_sha256_from_url
+from data.acquire.weights import (
+    OPENAI_RELEASE_HOSTS,
+    is_url,
+    openai_release_sha256,
+    pinned_sha256_from_url,
+)
 from data.common.files import atomic_write_json, sha256_file
 from data.common.urls import redact_url
 from flows.errors import UserError
@@ -38,8 +47,8 @@ from flows.errors import UserError
 DEFAULT_IMPORTS_DIR = Path("runs") / "imports"  # downloads and converted model directories
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_ALIAS_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would let a trailing newline through
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def fetch(source: str, downloads: Path, *, what: str, progress: bool = True, sha256: str | None = None) -> Path:
@@ -55,9 +64,10 @@ def fetch(source: str, downloads: Path, *, what: str, progress: bool = True, sha
 def resolve_pin(source: str, sha256: str | None) -> tuple[str | None, str]:
     """(the sha256 the checkpoint must have, where the pin came from: "argument", "url" or "none").
 
-    ``sha256`` is the caller's (--sha256); an OpenAI-style URL names one in its path. Both given and
-    different is a UserError naming both."""
-    if sha256 is not None and not _SHA256_RE.match(sha256.strip()):
+    ``sha256`` is the caller's (--sha256); an OpenAI-style URL names one in its path, on any host (it pins
+    the bytes; whether it lets code run is `may_run_code`'s to say). Both given and different is a
+    UserError naming both."""
+    if sha256 is not None and not _SHA256_RE.fullmatch(sha256.strip()):
         raise UserError(f"--sha256 {sha256!r}: expected 64 hex digits (the checkpoint's sha256)")
     pin = sha256.strip().lower() if sha256 is not None else None
     named = pinned_sha256_from_url(source)
@@ -67,6 +77,16 @@ def resolve_pin(source: str, sha256: str | None) -> tuple[str | None, str]:
     if pin is not None:
         return pin, "argument"
     return (named, "url") if named is not None else (None, "none")
+
+
+def may_run_code(source: str, pin: str | None, pinned_by: str, trust_code: bool) -> bool:
+    """Whether a TorchScript archive the weights-only reader refuses may go to torch.jit.load (`resolve_pin`
+    gave ``pin`` and ``pinned_by``): the user pinned its sha256 (``pinned_by == "argument"``), ``source``
+    is an OpenAI CLIP release URL and ``pin`` is the hash it names
+    (`data.acquire.weights.openai_release_sha256`), or the user trusts it (``trust_code``). A hash in any
+    other URL pins the bytes but vouches for nothing: whoever made the file chose the URL."""
+    release = openai_release_sha256(source)
+    return trust_code or (pin is not None and (pinned_by == "argument" or release == pin))
 
 
 # ----------------------------------------------------------------------------- tokenizer vocab
@@ -129,10 +149,11 @@ def bundled_config_name(cfg) -> str | None:
     return None
 
 
-def _convert(path: Path, label: str, *, allow_code: bool):
+def _convert(path: Path, label: str, *, allow_code: bool, url_pinned: bool = False):
     """(model, source dtype, how it was read) from an OpenAI-format checkpoint file; one-line UserError
     otherwise. ``allow_code``: a TorchScript archive the weights-only reader refuses may go to
-    torch.jit.load (the caller pinned or trusts the file)."""
+    torch.jit.load (`may_run_code`). ``url_pinned``: the URL's hash pinned the file (the refusal then
+    says why that was not enough)."""
     import torch
 
     from clip.checkpoint import (
@@ -150,8 +171,10 @@ def _convert(path: Path, label: str, *, allow_code: bool):
     except UnsafeTorchError as e:
         raise UserError(str(e)) from None
     except CodeRefused as e:
-        raise UserError(f"checkpoint {label}: {e}; pin it with --sha256 HEX (the digest its publisher gives) "
-                        "or pass --trust-code if you trust the file") from None
+        why = (f"the sha256 in its URL checks its bytes but lets code run only from OpenAI's release URLs "
+               f"(https://{OPENAI_RELEASE_HOSTS[0]}/clip/models/<sha256>/<name>); " if url_pinned else "")
+        raise UserError(f"checkpoint {label}: {e}; {why}pin it with --sha256 HEX (the digest its publisher "
+                        "gives) or pass --trust-code if you trust the file") from None
     except Exception as e:  # noqa: BLE001 - anything unreadable or mismatched is the input's fault
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{label}: not an OpenAI-format CLIP checkpoint ({type(e).__name__}: {first})") from None
@@ -162,7 +185,7 @@ def _check_alias(alias: str) -> None:
     if alias in PROTECTED_ALIASES:
         raise UserError(f"--alias {alias}: @{alias} is moved only by the pipeline's promotion gate; "
                         "import-weights sets a comparison alias such as baseline")
-    if not _ALIAS_RE.match(alias) or re.fullmatch(r"[vV]\d+", alias) or alias == "latest":
+    if not _ALIAS_RE.fullmatch(alias) or re.fullmatch(r"[vV]\d+", alias) or alias == "latest":
         raise UserError(f"--alias {alias!r}: expected letters, digits, '_' or '-' (not 'latest' or v<N>)")
 
 
@@ -182,8 +205,9 @@ def import_weights(
     """Fetch, convert, log and register an OpenAI-format CLIP checkpoint; point `alias` at the new version.
 
     ``sha256`` pins the checkpoint's digest (an OpenAI-style URL pins it too, `resolve_pin`); it is checked
-    before anything is loaded. ``trust_code`` lets a TorchScript archive the weights-only reader refuses
-    run under torch.jit.load without a pin (see the module docstring).
+    before anything is loaded. A TorchScript archive the weights-only reader refuses runs under
+    torch.jit.load only when ``sha256`` is given, the source is an OpenAI CLIP release URL, or
+    ``trust_code`` (`may_run_code`; a hash in another URL is not enough; see the module docstring).
 
     Returns {version, model_uri, sha256, config, alias, run_id, model_dir, source_dtype, loaded_with}.
     `config` is the name of the bundled config the weights match (e.g. "ViT-B-32"), or None.
@@ -208,7 +232,8 @@ def import_weights(
     sha = sha256_file(ckpt_path)
     if pin is not None and sha != pin:  # a local file (or a cached download) checked before anything loads it
         raise UserError(f"checkpoint {shown}: sha256 {sha} does not match the pinned {pin}; nothing was loaded")
-    model, source_dtype, loaded_with = _convert(ckpt_path, shown, allow_code=pin is not None or trust_code)
+    allow_code = may_run_code(source, pin, pinned_by, trust_code)
+    model, source_dtype, loaded_with = _convert(ckpt_path, shown, allow_code=allow_code, url_pinned=pinned_by == "url")
     tokenizer, vocab_name = _load_vocab(vocab_path, vocab_shown)
     model_vocab = model.config.text.vocab_size
     if tokenizer.vocab_size > model_vocab:

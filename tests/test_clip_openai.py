@@ -5,10 +5,12 @@ open_clip (a test-only dependency; those tests skip without it)."""
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import support.torchscript as hostile
 import torch
 import torch.nn as nn
 from support.torchscript import save_code_running_archive, scripted_holder
@@ -314,6 +316,164 @@ def test_reader_refuses_what_it_does_not_know(tmp_path):
     _rewrite_data_pkl(good, short, _StoragePickler.dumps(0, (4,), (1,)), drop=("/data/0",))
     with pytest.raises(TorchScriptReadError, match="missing"):
         read_torchscript_weights(short)
+
+
+# -----------------------------------------------------------------------------
+# hand-made hostile archives: refused in one line, nothing outside the reader changed
+
+
+def _assert_refused(path: Path, match: str) -> str:
+    """read_torchscript_weights(path) raises one TorchScriptReadError line matching ``match``, and the
+    import refuses (CodeRefused, never another error) without torch.jit.load; torch's rebuild function and
+    the reader's own functions keep their defaults (a BUILD on a shared function would change them for
+    every later load)."""
+    import inspect
+
+    import clip.checkpoint as ckpt
+
+    rebuild = torch._utils._rebuild_tensor_v2
+    defaults = rebuild.__defaults__
+    ours = {name: f.__defaults__ for name, f in vars(ckpt).items() if inspect.isfunction(f)}
+    with pytest.MonkeyPatch.context() as m:
+        _no_jit_load(m)
+        with pytest.raises(TorchScriptReadError, match=match) as err:
+            read_torchscript_weights(path)
+        with pytest.raises(CodeRefused) as refused:
+            read_openai_checkpoint(path)
+    assert "\n" not in str(err.value) and "\n" not in str(refused.value)
+    assert torch._utils._rebuild_tensor_v2 is rebuild and rebuild.__defaults__ == defaults
+    assert {name: f.__defaults__ for name, f in vars(ckpt).items() if inspect.isfunction(f)} == ours
+    return str(err.value)
+
+
+def test_hand_made_archive_reads(tmp_path):
+    """The hand-made layout itself reads (so each refusal below is the hostile part's); a tensor under two
+    names stays one tensor."""
+    got = read_torchscript_weights(hostile.node_archive(tmp_path / "ok.pt"))
+    assert list(got) == ["w"] and torch.equal(got["w"], torch.arange(4, dtype=torch.float32))
+    two = hostile.NODE_CODE.replace('["w", ]', '["w", "v", ]')
+    w = hostile.tensor(hostile.Storage("0", 4), 1, (3,), (1,))
+    got = read_torchscript_weights(hostile.node_archive(tmp_path / "tied.pt", {"w": w, "v": w},
+                                                        code={"__torch__/evil.py": two}))
+    assert got["w"] is got["v"] and got["w"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_build_on_a_tensor_is_refused(tmp_path):
+    """BUILD on a rebuilt tensor would be Tensor.__setstate__, i.e. set_ with the pickle's sizes: an 8-byte
+    storage viewed (and grown) as millions of elements."""
+    storage = hostile.Storage("0", 4)
+    source = hostile.tensor(storage, 0, (4,), (1,))
+    grown = hostile.tensor(storage, 0, (4,), (1,), state=(source, 0, (2048, 2048), (2048, 1)))
+    msg = _assert_refused(hostile.node_archive(tmp_path / "grow.pt", {"w": grown}), "BUILD")
+    assert "_TensorRef" in msg
+
+
+@pytest.mark.parametrize("module,name,state", [
+    ("torch._utils", "_rebuild_tensor_v2", (None, {"__defaults__": (1, 2)})),
+    ("collections", "OrderedDict", (None, {"fromkeys": None})),
+    ("torch.jit._pickle", "restore_type_tag", (None, {"__code__": None})),
+    ("torch", "FloatStorage", {"dtype": None}),
+    ("__torch__.evil", "Node", (None, {"__init__": None})),
+])
+def test_build_on_a_global_is_refused(tmp_path, module, name, state):
+    """BUILD on a global would set attributes of the object the name stands for; the reader hands out only
+    its own per-load stand-ins and refuses BUILD on them (torch's functions stay untouched)."""
+    import collections
+
+    w = hostile.tensor(hostile.Storage("0", 4), 0, (4,), (1,))
+    evil = hostile.Build(hostile.Global(module, name), state)
+    _assert_refused(hostile.node_archive(tmp_path / "global.pt", {"w": w, "x": evil}), "BUILD")
+    assert collections.OrderedDict.fromkeys("ab") == {"a": None, "b": None}
+    assert read_torchscript_weights(hostile.node_archive(tmp_path / "after.pt"))["w"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("evil,match", [
+    (hostile.New(hostile.Global("torch._utils", "_rebuild_tensor_v2")), "makes a"),
+    (hostile.Call(hostile.Global("__torch__.evil", "Node"), ()), "calls a"),
+    (hostile.Call(hostile.Global("torch", "FloatStorage"), ()), "calls a"),
+    (hostile.Call(hostile.tensor(hostile.Storage("0", 4), 0, (4,), (1,)), ()), "calls a"),
+    (hostile.Raw(pickle.EXT1 + b"\x01"), "EXT1"),
+    (hostile.Build(hostile.Obj("__torch__.evil", "Node", {}), {"w": None}), "set twice"),
+    (hostile.Build(hostile.New(hostile.Global("__torch__.evil", "Node")), (None, {"w": 1})), "custom state"),
+])
+def test_other_pickle_tricks_are_refused(tmp_path, evil, match):
+    w = hostile.tensor(hostile.Storage("0", 4), 0, (4,), (1,))
+    _assert_refused(hostile.node_archive(tmp_path / "trick.pt", {"w": w, "x": evil}), match)
+
+
+@pytest.mark.parametrize("offset,size,stride,match", [
+    (0, (1 << 20, 1 << 20), (0, 0), "overlapping"),  # 16 bytes read as 2^40 elements, expanded when copied
+    (0, (8,), (0,), "overlapping"),
+    (0, (4,), (-1,), "malformed"),
+    (0, (True,), (1,), "malformed"),
+    (0, (2, 2), (1,), "malformed"),
+    (100, (0,), (1,), "reaches past"),
+    (1, (2, 2), (3, 1), "reaches past"),
+])
+def test_views_outside_or_overlapping_their_storage_are_refused(tmp_path, offset, size, stride, match):
+    w = hostile.tensor(hostile.Storage("0", 4), offset, size, stride)
+    _assert_refused(hostile.node_archive(tmp_path / "view.pt", {"w": w}), match)
+
+
+def test_module_tree_is_walked_once_per_module(tmp_path, monkeypatch):
+    """A submodule shared at every level makes 2^depth paths (a 1 KB file, 262,144 keys at depth 18): a
+    module met twice is refused at once, and so is a cycle; depth and keys are capped."""
+    import time
+
+    import clip.checkpoint as ckpt
+
+    w = hostile.tensor(hostile.Storage("0", 4), 0, (4,), (1,))
+    node = hostile.Obj("__torch__.evil", "Node", {"w": w})
+    for _ in range(18):
+        node = hostile.Obj("__torch__.evil", "Node", {"w": w, "a": node, "b": node})
+    path = hostile.write_archive(tmp_path / "shared.pt", hostile.assemble(node))
+    assert path.stat().st_size < 2000
+    t0 = time.monotonic()
+    _assert_refused(path, "same object as one met before")
+    assert time.monotonic() - t0 < 5
+
+    cycle = hostile.Obj("__torch__.evil", "Node", {"w": w})
+    cycle.state["self"] = cycle
+    _assert_refused(hostile.write_archive(tmp_path / "cycle.pt", hostile.assemble(cycle)), "same object")
+
+    def chain(depth: int) -> bytes:
+        node = hostile.Obj("__torch__.evil", "Node", {"w": w})
+        for _ in range(depth):
+            node = hostile.Obj("__torch__.evil", "Node", {"w": w, "a": node})
+        return hostile.assemble(node)
+
+    _assert_refused(hostile.write_archive(tmp_path / "deep.pt", chain(ckpt._MAX_DEPTH + 1)), "nested deeper")
+    assert len(read_torchscript_weights(hostile.write_archive(tmp_path / "four.pt", chain(3)))) == 4
+    monkeypatch.setattr(ckpt, "_MAX_STATE_KEYS", 3)
+    _assert_refused(hostile.write_archive(tmp_path / "keys.pt", chain(3)), "over 3 parameters")
+
+
+def test_zip_bombs_are_refused(tmp_path):
+    """Storages must be stored (a deflated one could inflate; torch never deflates them); no entry may
+    claim more than the archive holds; code files are capped (they are deflated)."""
+    _assert_refused(hostile.node_archive(tmp_path / "deflated.pt", deflated=("data/0",)), "stored uncompressed")
+    for entry in ("evil/data/0", "evil/data.pkl", "evil/byteorder"):
+        path = hostile.node_archive(tmp_path / "claims.pt")
+        hostile.claim_size(path, entry, 1 << 31)
+        _assert_refused(path, f"{entry}: 2147483648 bytes uncompressed, over the")
+    bomb = {"__torch__/evil.py": hostile.NODE_CODE, "__torch__/bomb.py": "#\n" * (9 << 20)}  # 18 MiB, 18 KB zipped
+    path = hostile.node_archive(tmp_path / "bomb.pt", code=bomb)
+    assert path.stat().st_size < 100_000
+    _assert_refused(path, "bomb.py: 18874368 bytes uncompressed, over the 16777216")
+
+
+@pytest.mark.parametrize("declaration,match", [
+    ('["w", (]', "SyntaxError"),
+    ("[w]", "ValueError"),
+    ("[" * 300 + "]" * 300, "SyntaxError|RecursionError|MemoryError"),
+])
+def test_malformed_code_or_pickle_is_a_read_error(tmp_path, declaration, match):
+    """Whatever fails inside the reader is a one-line TorchScriptReadError, so the import refuses (never an
+    error that slips past the refusal, nor a fallback to torch.jit.load)."""
+    code = hostile.NODE_CODE.replace('["w", ]', declaration)
+    _assert_refused(hostile.node_archive(tmp_path / "code.pt", code={"__torch__/evil.py": code}), match)
+    _assert_refused(hostile.write_archive(tmp_path / "junk.pt", b"\x80\x02\xff"), "KeyError")
+    _assert_refused(hostile.write_archive(tmp_path / "cut.pt", hostile.assemble({"a": 1})[:-4]), "Error")
 
 
 def test_old_torch_is_refused():

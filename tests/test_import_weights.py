@@ -4,9 +4,10 @@ through `data.eval.suite.load_model_for_eval` and the pyfunc with the same embed
 the model-directory tokenizer convention; one-line errors.
 
 Artifacts that cannot run code: a TorchScript archive is read without torch.jit.load; one whose loading
-would run code (a class with its own __setstate__) is refused unless pinned by sha256 (--sha256, or the
-hash in an OpenAI-style URL) or --trust-code is given; a pin is checked before anything loads and wins
-over a digest the server publishes; URLs reach MLflow and messages redacted."""
+would run code (a class with its own __setstate__) is refused unless the user pinned its sha256 (--sha256),
+it comes from an OpenAI CLIP release URL, or --trust-code is given. The hash in an OpenAI-style URL on any
+other host (here: loopback) pins the bytes but lets no code run. A pin is checked before anything loads
+and wins over a digest the server publishes; URLs reach MLflow and messages redacted."""
 
 from __future__ import annotations
 
@@ -85,16 +86,19 @@ def sources(tmp_path_factory):
     _torchscript_archive({**sd, **extras}, d / "ViT-small.pt")
     save_code_running_archive({**sd, **extras}, d / "ViT-small-code.pt")  # loading it runs its __setstate__
     code_sha = hashlib.sha256((d / "ViT-small-code.pt").read_bytes()).hexdigest()
+    readable_sha = hashlib.sha256((d / "ViT-small.pt").read_bytes()).hexdigest()
     # OpenAI-style URLs: .../<sha256>/<name>.pt, with the right hash and with a wrong one
-    for digest in (code_sha, WRONG_SHA):
+    for digest, names in ((code_sha, ["ViT-small-code.pt"]), (readable_sha, ["ViT-small.pt"]),
+                          (WRONG_SHA, ["ViT-small-code.pt", "ViT-small.pt"])):
         (d / digest).mkdir()
-        (d / digest / "ViT-small-code.pt").write_bytes((d / "ViT-small-code.pt").read_bytes())
+        for fname in names:
+            (d / digest / fname).write_bytes((d / fname).read_bytes())
     half = {k: v.half() for k, v in sd.items()}
     torch.save(half, d / "ViT-small-fp16.pt")
     with torch.device("meta"):
         rounded = clip.CLIP(model.config)  # what an fp16 checkpoint can hold, in fp32
     rounded.load_state_dict({k: v.float() for k, v in half.items()}, strict=True, assign=True)
-    return {"dir": d, "model": model, "rounded": rounded.eval(), "code_sha": code_sha}
+    return {"dir": d, "model": model, "rounded": rounded.eval(), "code_sha": code_sha, "readable_sha": readable_sha}
 
 
 @pytest.fixture(scope="module")
@@ -489,19 +493,78 @@ def test_server_digest_disagreeing_with_the_pin_stops(server, sources, tmp_path)
 def test_openai_style_url_with_a_hash_that_does_not_match_stops(server, sources, tmp_path):
     msg = _refused(tmp_path, f"{server}/{WRONG_SHA}/ViT-small-code.pt")
     assert f"does not match the pinned {WRONG_SHA}" in msg
+    readable = _refused(tmp_path, f"{server}/{WRONG_SHA}/ViT-small.pt")  # a readable archive alike: the bytes
+    assert f"does not match the pinned {WRONG_SHA}" in readable
     differ = _refused(tmp_path, f"{server}/{sources['code_sha']}/ViT-small-code.pt", sha256=WRONG_SHA)
     assert WRONG_SHA in differ and sources["code_sha"] in differ and "the URL" in differ
+
+
+def test_openai_release_urls_alone_vouch_for_code():
+    """The hash in an OpenAI-style URL pins the bytes on any host; it lets code run only on OpenAI's own
+    release URLs (https, its hosts, /clip/models/<sha256>/<name>, nothing else), as a --sha256 or
+    --trust-code always does."""
+    from data.acquire.weights import openai_release_sha256, pinned_sha256_from_url
+    from flows.weights import may_run_code, resolve_pin
+
+    sha = "ab" * 32
+    for host in ("openaipublic.azureedge.net", "openaipublic.blob.core.windows.net", "OpenAIPublic.azureedge.net"):
+        url = f"https://{host}/clip/models/{sha.upper()}/ViT-L-14@336px.pt"
+        assert openai_release_sha256(url) == pinned_sha256_from_url(url) == sha, url
+        assert resolve_pin(url, None) == (sha, "url") and may_run_code(url, sha, "url", False)
+    lookalikes = [
+        f"http://openaipublic.azureedge.net/clip/models/{sha}/RN50.pt",  # not https
+        f"https://evil.example/clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net.evil.example/clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net@evil.example/clip/models/{sha}/RN50.pt",
+        f"https://user@openaipublic.azureedge.net/clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net:8443/clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net./clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net/clip/models/{sha}/RN50.pt?sv=1",
+        f"https://openaipublic.azureedge.net/clip/models/{sha}/RN50.pt#x",
+        f"https://openaipublic.azureedge.net/clip/models/{sha}/RN50.pt\n",
+        f"https://openaipublic.azureedge.net/other/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net/x/clip/models/{sha}/RN50.pt",
+        f"https://openaipublic.azureedge.net/clip/models/{sha}/a%2F..%2FRN50.pt",
+        f"https://openaipublic.azureedge.net/clip/models/{sha}/..",
+        f"http://127.0.0.1:8000/clip/models/{sha}/RN50.pt",
+    ]
+    for url in lookalikes:
+        assert openai_release_sha256(url) is None, url
+        pin, pinned_by = resolve_pin(url, None)
+        assert not may_run_code(url, pin, pinned_by, False), url
+        assert may_run_code(url, pin, pinned_by, True)  # --trust-code
+    loopback = f"http://127.0.0.1:8000/{sha}/RN50.pt"
+    assert resolve_pin(loopback, None) == (sha, "url") and not may_run_code(loopback, sha, "url", False)
+    assert resolve_pin(loopback, sha.upper()) == (sha, "argument") and may_run_code(loopback, sha, "argument", False)
+    assert pinned_sha256_from_url(f"https://h/{sha}%0A/m.pt") is None  # fullmatch: no trailing newline
+    with pytest.raises(UserError, match="--alias"):
+        import_weights("x.pt", alias="baseline\n", tracking_uri="sqlite:///x.db", out_dir=Path("unused"))
+
+
+def test_url_hash_pins_but_lets_no_code_run(server, sources, tmp_path):
+    """A loopback URL naming the code-running archive's right sha256 downloads and checks it, then refuses
+    it like an unpinned one (anyone can name the hash of their own file), saying why; torch.jit.load is
+    never called."""
+    msg = _refused(tmp_path, f"{server}/{sources['code_sha']}/ViT-small-code.pt")
+    assert "__setstate__" in msg and "the sha256 in its URL checks its bytes but lets code run only from " \
+        "OpenAI's release URLs (https://openaipublic.azureedge.net/clip/models/<sha256>/<name>)" in msg
+    assert "--sha256" in msg and "--trust-code" in msg
+    downloads = tmp_path / "imports" / "downloads"
+    got = [p for p in downloads.rglob("ViT-small-code.pt") if p.is_file()]
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in got] == [sources["code_sha"]]  # it was verified
 
 
 @needs_vocab
 @pytest.mark.slow
 def test_pinned_openai_url_and_trusted_archives_load(server, sources, tmp_path, capsys):
-    """The code-running archive loads (with torch.jit.load) when pinned: by --sha256 on the command line,
-    by the hash in an OpenAI-style URL; or with --trust-code. A URL's secrets never reach MLflow."""
+    """The code-running archive loads (with torch.jit.load) when the user pins it with --sha256 (on the
+    command line; also for a URL naming the same hash, which alone would not do) or passes --trust-code.
+    A readable archive loads by a loopback OpenAI-style URL (its hash checked) without torch.jit.load.
+    A URL's secrets never reach MLflow."""
     from mlflow.tracking import MlflowClient
 
     uri = _store(tmp_path)
-    sha = sources["code_sha"]
+    sha, readable_sha = sources["code_sha"], sources["readable_sha"]
     parser = build_parser()
     args = parser.parse_args(["import-weights", f"{server}/ViT-small-code.pt?X-Amz-Signature=s3cret&v=1",
                               "--sha256", sha.upper(), "--vocab", str(VOCAB), "--tracking-uri", uri,
@@ -510,14 +573,20 @@ def test_pinned_openai_url_and_trusted_archives_load(server, sources, tmp_path, 
     assert args.fn(args) == 0
     assert "registered models:/witclip/1 as @baseline" in capsys.readouterr().out
     common = dict(vocab=str(VOCAB), tracking_uri=uri, out_dir=tmp_path / "imports", progress=False)
-    by_url = import_weights(f"{server}/{sha}/ViT-small-code.pt", **common)
+    with pytest.MonkeyPatch.context() as m:
+        _no_jit_load(m)
+        by_url = import_weights(f"{server}/{readable_sha}/ViT-small.pt", **common)
+    by_url_and_pin = import_weights(f"{server}/{sha}/ViT-small-code.pt", sha256=sha, **common)
     trusted = import_weights(str(sources["dir"] / "ViT-small-code.pt"), trust_code=True, **common)
 
     client = MlflowClient(tracking_uri=uri)
-    for version, pin in ((1, "argument"), (2, "url"), (3, "none")):
+    for version, pin, how, digest in ((1, "argument", "torch.jit.load", sha),
+                                      (2, "url", "torchscript weights-only", readable_sha),
+                                      (3, "argument", "torch.jit.load", sha), (4, "none", "torch.jit.load", sha)):
         mv = client.get_model_version("witclip", str(version))
-        assert (mv.tags["sha256_pin"], mv.tags["loaded_with"], mv.tags["source_sha256"]) == (pin, "torch.jit.load", sha)
-    assert (by_url["loaded_with"], trusted["version"]) == ("torch.jit.load", 3)
+        assert (mv.tags["sha256_pin"], mv.tags["loaded_with"], mv.tags["source_sha256"]) == (pin, how, digest)
+    assert (by_url["loaded_with"], by_url_and_pin["loaded_with"], trusted["version"]) == (
+        "torchscript weights-only", "torch.jit.load", 4)
     first = client.get_model_version("witclip", "1")
     assert first.tags["source"] == f"{server}/ViT-small-code.pt?X-Amz-Signature=***&v=1"
     run = client.get_run(first.run_id)

@@ -146,7 +146,7 @@ def _open(client: HttpClient, url: str, method: str, headers: dict[str, str], *,
 
     def note_linked_sha256(response: Response) -> None:
         tag = (response.header("X-Linked-Etag") or "").strip().strip('"').lower()
-        if _SHA256_RE.match(tag):
+        if _SHA256_RE.fullmatch(tag):
             linked.append(tag)
 
     try:

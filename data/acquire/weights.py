@@ -8,9 +8,13 @@ the manifest. With ``sha256=`` (the caller's pin) the bytes must have that diges
 renamed into place, whatever digest the server publishes. Every failure is a `ModelFileError` with one
 line that names the file or the host; URLs in it are redacted (`data.common.urls.redact_url`).
 
-`pinned_sha256_from_url` reads the pin OpenAI's download URLs carry: the 64 hex digits of the path
-segment before the file name (``https://openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-32.pt``),
-which OpenAI's own loader checks the download against.
+`pinned_sha256_from_url` reads the pin an OpenAI-style URL carries: the 64 hex digits of the path segment
+before the file name (``https://openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-32.pt``), which
+OpenAI's own loader checks the download against. On any host it pins the bytes (they must have that
+digest), but anyone can put a hash in their own URL: it says nothing about who published the file.
+`openai_release_sha256` names it only for OpenAI's own release URLs (OPENAI_RELEASE_HOSTS, https, the
+``/clip/models/<sha256>/<name>`` path), where only OpenAI can have put a file: the one URL hash that
+vouches for the file as well as pinning it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from urllib.parse import unquote, urlparse, urlsplit
 
 from data.common.urls import redact_url, redact_urls
 
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")  # fullmatch: "$" would let a trailing newline through
+OPENAI_RELEASE_HOSTS = ("openaipublic.azureedge.net", "openaipublic.blob.core.windows.net")
+_OPENAI_RELEASE_PATH_RE = re.compile(r"/clip/models/([0-9a-fA-F]{64})/[A-Za-z0-9@_-][A-Za-z0-9@._-]*")
 
 
 class ModelFileError(ValueError):
@@ -35,13 +41,34 @@ def is_url(source: str) -> bool:
 
 def pinned_sha256_from_url(url: str) -> str | None:
     """The sha256 an OpenAI-style URL names (lower-case): the path segment right before the file name
-    when it is 64 hex digits; None otherwise, and for anything but an http(s) URL."""
+    when it is 64 hex digits, on any host; None otherwise, and for anything but an http(s) URL. It pins
+    the bytes only: whether it also vouches for them is `openai_release_sha256`'s to say."""
     if not is_url(url):
         return None
     segments = unquote(urlsplit(url).path).split("/")
-    if len(segments) >= 3 and _SHA256_RE.match(segments[-2]) and segments[-1]:
+    if len(segments) >= 3 and _SHA256_RE.fullmatch(segments[-2]) and segments[-1]:
         return segments[-2].lower()
     return None
+
+
+def openai_release_sha256(url: str) -> str | None:
+    """The sha256 (lower-case) of an OpenAI CLIP release URL, ``https://<host>/clip/models/<sha256>/<name>``
+    with ``host`` one of OPENAI_RELEASE_HOSTS and nothing else (no user, port, query or fragment, no
+    escapes in the path); None for any other URL, however it looks otherwise. Only OpenAI can put a file
+    there, so a download from it that has this digest is OpenAI's release."""
+    if not url.isascii() or any(ord(c) <= 0x20 or c == "\x7f" for c in url):  # urlsplit would drop some
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a malformed netloc
+        return None
+    if parts.scheme != "https" or host not in OPENAI_RELEASE_HOSTS or parts.netloc.lower() != host:
+        return None
+    if parts.query or parts.fragment or "#" in url or "?" in url:
+        return None
+    m = _OPENAI_RELEASE_PATH_RE.fullmatch(parts.path)
+    return m.group(1).lower() if m else None
 
 
 def download_path(url: str, downloads: Path) -> Path:

@@ -173,8 +173,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "(baseline) for the eval stage and the promotion gate to compare against. "
                     "Never sets @champion. Never runs code the checkpoint carries: a TorchScript archive is "
                     "read by a weights-only reader; one it cannot read (torch.jit.load would run its code) "
-                    "is refused unless its sha256 is pinned (--sha256, or the hash in an OpenAI-style URL "
-                    ".../<sha256>/<name>.pt) or --trust-code is given.",
+                    "is refused unless its sha256 is pinned (--sha256, or OpenAI's own release URL "
+                    "https://openaipublic.azureedge.net/clip/models/<sha256>/<name>.pt) or --trust-code is "
+                    "given. The sha256 in any URL's path is checked against the bytes before anything loads.",
     )
     p.add_argument("source", metavar="SOURCE", help="checkpoint file or http(s) URL")
     p.add_argument("--name", default="witclip", help="registered model name (default: witclip)")
