@@ -42,7 +42,7 @@ from data.synthetic import ALL_FAULT_KINDS, SiteSpec, SyntheticWeb
 
 TIMEOUT, DEADLINE = 5.0, 10.0  # crawl: per socket operation, per request hop
 SPEC = SiteSpec(
-    seed=16, n_pages=12, images_per_page=12, fault_rate=0.1, fault_kinds=ALL_FAULT_KINDS,
+    seed=16, n_pages=12, images_per_page=12, fault_rate=0.15, fault_kinds=ALL_FAULT_KINDS,
     slow_seconds=8 * TIMEOUT,  # a "slow" image is a timeout on any machine, never a late success
     drip_interval=0.2,  # its ~1.8 KB JPEG one byte per 0.2 s: ~360 s, far past the 10 s deadline
 )

@@ -98,7 +98,9 @@ def shared_web():
 
 
 def _sets(web, root: Path, run: str) -> list[str]:
+    # a seed of the user's on loopback: its exact host:port must be allowed (only the embedded web is by itself)
     return TINY + [f"run_name={run}", f"harvest.seed_url={web.url}", f"work_dir={root / 'runs'}",
+                   f"http.allowed_addresses=[{urlparse(web.url).netloc}]",
                    f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
 
 
@@ -220,6 +222,7 @@ def test_a_crawl_during_an_outage_fails_with_its_reasons_and_the_next_run_crawls
     web.start()
     port = urlparse(web.url).port
     sets = [f"harvest.seed_url={web.url}", f"work_dir={tmp_path / 'runs'}", "crawl.timeout=1",
+            f"http.allowed_addresses=[127.0.0.1:{port}]",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     cfg = load_config(None, sets + ["run_name=outage"])
     run_pipeline(cfg, ["harvest"])
