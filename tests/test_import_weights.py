@@ -105,7 +105,7 @@ def sources(tmp_path_factory):
 def server(sources):
     """A loopback HTTP server over the checkpoint directory, stopped after the module."""
     handler = functools.partial(_QuietHandler, directory=str(sources["dir"]))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -118,6 +118,13 @@ def server(sources):
 
 WRONG_SHA = "0" * 64
 GETS: list[str] = []  # the paths the server was asked to GET, in order
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that stops reading (a refused digest, a wrong pin) breaks the pipe: expected
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
