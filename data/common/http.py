@@ -695,12 +695,16 @@ class HttpClient:
 
     def open(self, url: str, method: str = "GET", headers: dict[str, str] | None = None, *,
              follow_redirects: bool = True, deadline: float | None = None,
-             on_response: Callable[[Response], None] | None = None) -> Response:
+             on_response: Callable[[Response], None] | None = None,
+             before_hop: Callable[[str], None] | None = None) -> Response:
         """`request`, following redirects (each hop guarded again) when `follow_redirects`, every hop
-        drawing from the one `deadline`. `on_response` sees every hop's response before it is followed
-        (e.g. to read a header that only the first hop carries)."""
+        drawing from the one `deadline`. `before_hop` sees every hop's URL before it is requested and
+        may refuse it by raising HttpError (e.g. its origin's robots.txt); `on_response` sees every
+        hop's response before it is followed (e.g. to read a header that only the first hop carries)."""
 
         def hop(hop_url: str) -> Response | Redirect:
+            if before_hop is not None:
+                before_hop(hop_url)
             response = self.request(hop_url, method, headers, deadline=deadline)
             if on_response is not None:
                 on_response(response)

@@ -19,17 +19,7 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from data.common.http import (
-    REDIRECT_STATUSES,
-    HttpClient,
-    HttpError,
-    HttpPolicy,
-    Redirect,
-    Response,
-    RobotsCache,
-    follow_redirects_with,
-    redirect_target,
-)
+from data.common.http import HttpClient, HttpError, HttpPolicy, Response, RobotsCache
 from data.common.urls import is_http_url, normalise_for_fetch, redact_url, redact_urls
 from data.harvest.candidates import rows_frame, write_candidates
 from data.harvest.html import (
@@ -60,20 +50,15 @@ def _fetch_page(client: HttpClient, url: str, deadline: float,
     robots_unavailable) or an answer other than 2xx (reason http_<status>)."""
     answered: set[str] = set()  # hosts a response came from: each one got past the address guard
 
-    def hop(hop_url: str) -> Response | Redirect:
+    def check_robots(hop_url: str) -> None:
         if robots is not None and hop_url != url:
             robots.check(hop_url, deadline=deadline)
-        response = client.request(hop_url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline)
-        answered.add(urlsplit(hop_url).netloc.lower())
-        if response.status not in REDIRECT_STATUSES:
-            return response
-        location = response.header("Location")
-        response.close()
-        if not location:
-            raise HttpError(f"http_{response.status}", "redirect without Location")
-        return Redirect(redirect_target(hop_url, location))
 
-    with follow_redirects_with(url, hop, client.policy.max_redirects) as response:
+    def note(response: Response) -> None:
+        answered.add(urlsplit(response.url).netloc.lower())
+
+    with client.open(url, headers={"Accept": "text/html,*/*;q=0.5"}, deadline=deadline,
+                     before_hop=check_robots, on_response=note) as response:
         if not 200 <= response.status < 300:
             raise HttpError(f"http_{response.status}", f"HTTP {response.status}")
         ctype, charset = parse_content_type(response.header("Content-Type"))
