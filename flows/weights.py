@@ -40,7 +40,7 @@ from data.acquire.weights import (
     openai_release_sha256,
     pinned_sha256_from_url,
 )
-from data.common.files import atomic_write_json, sha256_file
+from data.common.files import SHA256_HEX, atomic_write_json, sha256_file
 from data.common.urls import redact_url
 from flows.errors import UserError
 
@@ -48,7 +48,6 @@ DEFAULT_IMPORTS_DIR = Path("runs") / "imports"  # downloads and converted model 
 IMPORTED_FROM = "openai-format"
 PROTECTED_ALIASES = ("champion",)  # moved only by the promotion gate (flows.registry.register_model)
 _ALIAS_RE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would let a trailing newline through
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def fetch(source: str, downloads: Path, *, what: str, progress: bool = True, sha256: str | None = None) -> Path:
@@ -67,7 +66,7 @@ def resolve_pin(source: str, sha256: str | None) -> tuple[str | None, str]:
     ``sha256`` is the caller's (--sha256); an OpenAI-style URL names one in its path, on any host (it pins
     the bytes; whether it lets code run is `may_run_code`'s to say). Both given and different is a
     UserError naming both."""
-    if sha256 is not None and not _SHA256_RE.fullmatch(sha256.strip()):
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256.strip()):
         raise UserError(f"--sha256 {sha256!r}: expected 64 hex digits (the checkpoint's sha256)")
     pin = sha256.strip().lower() if sha256 is not None else None
     named = pinned_sha256_from_url(source)

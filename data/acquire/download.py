@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from data.common.errors import one_line
-from data.common.files import atomic_write_json, sha256_file, sha256_hasher
+from data.common.files import SHA256_HEX, atomic_write_json, sha256_file, sha256_hasher
 from data.common.http import (
     HttpClient,
     HttpError,
@@ -75,7 +75,6 @@ CHUNK_BYTES = 256 * 1024
 MAX_RETRY_AFTER_S = 30.0
 MANIFEST_VERSION = 1
 PART_SUFFIX = ".part"
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
@@ -146,7 +145,7 @@ def _open(client: HttpClient, url: str, method: str, headers: dict[str, str], *,
 
     def note_linked_sha256(response: Response) -> None:
         tag = (response.header("X-Linked-Etag") or "").strip().strip('"').lower()
-        if _SHA256_RE.fullmatch(tag):
+        if SHA256_HEX.fullmatch(tag):
             linked.append(tag)
 
     try:
@@ -514,7 +513,7 @@ def download_files(
             split_url(it.url)
         except HttpError as err:
             raise ValueError(redact_urls(err.detail)) from None
-        if it.sha256 is not None and not _SHA256_RE.fullmatch(it.sha256.lower()):
+        if it.sha256 is not None and not SHA256_HEX.fullmatch(it.sha256.lower()):
             raise ValueError(f"sha256 {it.sha256!r} for {redact_urls(it.url)}: expected 64 hex digits")
     dests = [os.path.abspath(it.dest) for it in todo]
     if len(set(dests)) != len(dests):

@@ -24,9 +24,9 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse, urlsplit
 
+from data.common.files import SHA256_HEX
 from data.common.urls import redact_url, redact_urls
 
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")  # fullmatch: "$" would let a trailing newline through
 OPENAI_RELEASE_HOSTS = ("openaipublic.azureedge.net", "openaipublic.blob.core.windows.net")
 _OPENAI_RELEASE_PATH_RE = re.compile(r"/clip/models/([0-9a-fA-F]{64})/[A-Za-z0-9@_-][A-Za-z0-9@._-]*")
 
@@ -46,7 +46,7 @@ def pinned_sha256_from_url(url: str) -> str | None:
     if not is_url(url):
         return None
     segments = unquote(urlsplit(url).path).split("/")
-    if len(segments) >= 3 and _SHA256_RE.fullmatch(segments[-2]) and segments[-1]:
+    if len(segments) >= 3 and SHA256_HEX.fullmatch(segments[-2]) and segments[-1]:
         return segments[-2].lower()
     return None
 

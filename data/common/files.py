@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from typing import Any
 
 CHUNK_BYTES = 1 << 20
 
+
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")  # a sha256 written out; use fullmatch ("$" lets a newline through)
 
 def is_temp_name(name: str) -> bool:
     """True for the temp names `atomic_path` uses (an interrupted or in-flight write, never an output)."""

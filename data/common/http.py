@@ -560,7 +560,7 @@ class Response:
     conn: http.client.HTTPConnection
     raw: http.client.HTTPResponse
     url: str  # the URL this response answers (after the redirects `open` followed)
-    budget: _Budget | None = field(default=None, repr=False)  # the request's time, shared with `raw`'s reader
+    budget: _Budget = field(repr=False)  # the request's time, shared with `raw`'s reader
 
     @property
     def status(self) -> int:
@@ -574,10 +574,7 @@ class Response:
 
     def set_timeout(self, seconds: float) -> None:
         """The per-read timeout from now on (the request's deadline still holds)."""
-        if self.budget is not None:
-            self.budget.per_op = max(0.01, seconds)
-        elif self.conn.sock is not None:
-            self.conn.sock.settimeout(max(0.01, seconds))
+        self.budget.per_op = max(0.01, seconds)
 
     def close(self) -> None:
         self.raw.close()  # a `will_close` response owns the socket: the connection already let go of it
@@ -723,18 +720,13 @@ class HttpClient:
         """The body, at most `max_bytes` (more: 'too_large', or the first `max_bytes` when `truncate`);
         each read bounded by the policy's timeout and all of them by the request's deadline (and by
         `deadline`, when it is sooner)."""
-        budget = response.budget
-        if budget is not None:
-            budget.tighten(deadline)
+        response.budget.tighten(deadline)
         chunks: list[bytes] = []
         size = 0
         try:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise HttpError("deadline_exceeded", "body not complete before the deadline")
-                if budget is None:
-                    left = self.policy.timeout if deadline is None else deadline - time.monotonic()
-                    response.set_timeout(min(self.policy.timeout, left))
                 chunk = response.raw.read1(CHUNK_BYTES)  # returns as soon as *some* bytes arrive
                 if not chunk:
                     break
