@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from data.common.cluster import dask_client  # noqa: E402
 from data.common.opencv_limit import run_with_opencv_limit  # noqa: E402
 from data.common.urls import redact_url  # noqa: E402
-from data.crawl.fetch import Fetcher, FetchError, FetchPolicy  # noqa: E402
+from data.crawl.fetch import Fetcher, FetchError, FetchPolicy, ImageHeader  # noqa: E402
 from data.crawl.status import (  # noqa: E402
     STATUS_FILE,
     _reason_counts,
@@ -63,13 +63,22 @@ def _fetcher_for(policy: FetchPolicy) -> Fetcher:
     return fetcher
 
 
+class FetchedImage(io.BytesIO):
+    """A downloaded body as img2dataset's Downloader takes it (a stream), carrying the header the
+    fetcher's pixel check read, so the decode budget (`data.crawl.decode`) need not read it again."""
+
+    def __init__(self, body: bytes, header: ImageHeader):
+        super().__init__(body)
+        self.image_header = header
+
+
 def make_download_image(fetcher: Fetcher) -> Callable[..., Any]:
     """A drop-in for img2dataset's download_image that fetches through `fetcher`."""
 
     def download_image(row, timeout, user_agent_token, disallowed_header_directives):  # img2dataset's signature
         key, url = row
         try:
-            return key, io.BytesIO(fetcher.get(url)), None
+            return key, FetchedImage(*fetcher.get_image(url)), None
         except FetchError as err:
             return key, None, err.reason
         except Exception as err:  # noqa: BLE001 - img2dataset semantics: an error string, never raise

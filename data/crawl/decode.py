@@ -12,12 +12,13 @@ decodes: the alpha rate for a 4-band image, one with a transparency entry, and a
 PNG, GIF and WebP (OpenCV hands img2dataset a CMYK TIFF or an RGBX BMP as 4 channels, which it blends
 as alpha). Small images run side by side as before; an image at the cap runs alone. An image whose cost
 alone exceeds the budget takes all of it. A worker's decoding memory is thus bounded by the budget
-(`DECODE_BUDGET_BYTES`, 3 GiB) plus one thread's share beyond it, whatever the web sends.
+(`DECODE_BUDGET_BYTES`, 3 GiB) plus one thread's share beyond it, whatever the web sends. A stream that
+carries the `ImageHeader` the fetcher already read (`image_header`, set by the crawl's download
+function) is costed from it; any other stream's header is read here.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from img2dataset.resizer import Resizer
+
+from data.crawl.fetch import ImageHeader, read_image_header
 
 DECODE_BUDGET_BYTES = 3 << 30  # per worker process: one RGBA image at the 40-Mpx cap fits
 ALPHA_BYTES_PER_PIXEL = 80  # measured 72: decode + img2dataset's float64 alpha blend, with headroom
@@ -67,27 +70,32 @@ class DecodeBudget:
 _budget = DecodeBudget(DECODE_BUDGET_BYTES)  # one per process: every shard's threads share it
 
 
+def header_cost(header: ImageHeader) -> int:
+    """Estimated peak bytes of decoding and resizing an image with this header (module docstring)."""
+    alpha = header.format not in _OPAQUE_FORMATS or header.bands == 4 or header.transparency
+    return header.pixels * (ALPHA_BYTES_PER_PIXEL if alpha else OPAQUE_BYTES_PER_PIXEL)
+
+
 def decode_cost(body: bytes) -> int:
     """Estimated peak bytes of decoding and resizing `body` with img2dataset (module docstring); 0 when
     its header cannot be read (the decoder then fails at once)."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(body)) as image:  # the header only
-            width, height = image.size
-            alpha = (image.format not in _OPAQUE_FORMATS or len(image.getbands()) == 4
-                     or "transparency" in image.info)
+        header = read_image_header(body)
     except Exception:  # noqa: BLE001 - unreadable headers are the fetcher's business, not the budget's
         return 0
-    return width * height * (ALPHA_BYTES_PER_PIXEL if alpha else OPAQUE_BYTES_PER_PIXEL)
+    return header_cost(header)
 
 
 class BoundedResizer(Resizer):
     """img2dataset's Resizer, each call holding its image's `decode_cost` from the process's budget."""
 
     def __call__(self, img_stream: Any, blurring_bbox_list: Any = None) -> Any:
-        img_stream.seek(0)
-        cost = decode_cost(img_stream.read())
+        header = getattr(img_stream, "image_header", None)
+        if isinstance(header, ImageHeader):
+            cost = header_cost(header)
+        else:
+            img_stream.seek(0)
+            cost = decode_cost(img_stream.read())
         img_stream.seek(0)
         with _budget.hold(cost):
             return super().__call__(img_stream, blurring_bbox_list)

@@ -37,6 +37,9 @@ parsing. On top of it the Fetcher enforces, per image:
 State that must be shared between threads (robots cache, per-host semaphores and rate clocks) lives in
 the Fetcher; one Fetcher per process. The Fetcher pickles as its policy only, so it can be shipped to
 Dask workers.
+
+`get_image(url)` is `get` that also returns the `ImageHeader` the pixel check read (size, format,
+bands), so the crawl's decode budget (`data.crawl.decode`) does not parse the header a second time.
 """
 
 from __future__ import annotations
@@ -65,6 +68,31 @@ from data.common.http import (
 FetchError = HttpError  # what a failed image fetch raises: the shared layer's error, reason codes and all
 DEFAULT_X_ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 THROTTLE_STATUSES = (429, 503)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What Pillow reads from an image's header alone (nothing decoded)."""
+
+    width: int
+    height: int
+    format: str | None  # Pillow's name: "JPEG", "PNG", ...
+    bands: int  # channels of its mode: 3 for RGB, 4 for RGBA or CMYK
+    transparency: bool  # a "transparency" entry (a palette or grey image with a transparent colour)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_image_header(body: bytes) -> ImageHeader:
+    """The header of `body` as Pillow reads it, without decoding. Raises what Pillow raises for a body
+    it cannot identify or size (`PIL.UnidentifiedImageError`, `Image.DecompressionBombError`, ...)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as image:  # reads the header only
+        width, height = image.size
+        return ImageHeader(width, height, image.format, len(image.getbands()), "transparency" in image.info)
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,9 @@ class Fetcher:
         self.robots = RobotsCache(self.client, deadline_seconds=self.policy.deadline_seconds)
         self._lock = threading.Lock()
         self._hosts: dict[str, _HostState] = {}
+        # matched against every image's X-Robots-Tag: built once, not per response
+        self._x_directives = frozenset(d.lower() for d in self.policy.x_robots_directives)
+        self._x_agent = self.policy.x_robots_agent.lower()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Fetcher, (self.policy,))  # locks don't pickle; a fresh Fetcher per process
@@ -147,6 +178,9 @@ class Fetcher:
 
     # ------------------------------------------------------------------ politeness
     def _host_state(self, netloc: str) -> _HostState:
+        state = self._hosts.get(netloc)  # a dict read is atomic: the lock only guards creation
+        if state is not None:
+            return state
         with self._lock:
             state = self._hosts.get(netloc)
             if state is None:
@@ -159,6 +193,15 @@ class Fetcher:
         """Block until the host's rate clock allows one more request start; FetchError
         ('deadline_exceeded') at once, taking no turn, if that start would come after `latest`."""
         rate = self.policy.max_requests_per_second_per_host
+        if rate <= 0:
+            # No rate clock to advance: only a Retry-After pause (next_time in the future) can make us
+            # wait, so the common case takes no lock. A pause set a moment after this read is missed
+            # exactly as if this request had taken the lock just before it.
+            now = time.monotonic()
+            if state.next_time <= now:
+                if latest is not None and now >= latest:
+                    raise FetchError("deadline_exceeded", "the host's request rate leaves no turn before the deadline")
+                return
         with state.lock:
             now = time.monotonic()
             start = max(now, state.next_time)
@@ -177,10 +220,13 @@ class Fetcher:
     def get(self, url: str) -> bytes:
         """GET an image; bytes on success, FetchError otherwise. One deadline for all of it (see the
         module docstring)."""
+        return self.get_image(url)[0]
+
+    def get_image(self, url: str) -> tuple[bytes, ImageHeader]:
+        """`get`, with the header the pixel check read from the body."""
         clock = _Clock(self.policy.deadline_seconds)
         body = follow_redirects_with(url, lambda hop_url: self._hop(hop_url, clock), self.policy.max_redirects)
-        self._check_pixels(body)
-        return body
+        return body, self._check_pixels(body)
 
     def _hop(self, url: str, clock: _Clock) -> bytes | Redirect:
         if self.policy.robots_txt:  # every hop: a redirect may lead to another origin with its own rules
@@ -238,8 +284,7 @@ class Fetcher:
             state.slots.release()
 
     def _x_robots_forbids(self, values: list[str]) -> bool:
-        directives = {d.lower() for d in self.policy.x_robots_directives}
-        agent = self.policy.x_robots_agent.lower()
+        directives, agent = self._x_directives, self._x_agent
         for value in values:
             for part in value.split(","):
                 words = part.strip().lower()
@@ -251,18 +296,18 @@ class Fetcher:
                     return True
         return False
 
-    def _check_pixels(self, body: bytes) -> None:
+    def _check_pixels(self, body: bytes) -> ImageHeader:
         """Fail closed: the body must be an image Pillow can size from its header alone, within the
         pixel cap. Anything else (HTML, an unknown or exotic format OpenCV would still decode, such
-        as Radiance HDR up to 2^30 pixels) is refused before any decoder sees it."""
+        as Radiance HDR up to 2^30 pixels) is refused before any decoder sees it. Returns the header."""
         from PIL import Image
 
         try:
-            with Image.open(io.BytesIO(body)) as image:  # reads the header only
-                width, height = image.size
+            header = read_image_header(body)
         except Image.DecompressionBombError as err:  # PIL's own, far higher, ceiling
             raise FetchError("too_many_pixels", str(err)[:80]) from None
         except Exception as err:  # noqa: BLE001 - UnidentifiedImageError and any plugin's header error
             raise FetchError("unidentified_image", one_line(err, 80)) from None
-        if width * height > self.policy.max_pixels:
-            raise FetchError("too_many_pixels", f"{width}x{height} > {self.policy.max_pixels}")
+        if header.pixels > self.policy.max_pixels:
+            raise FetchError("too_many_pixels", f"{header.width}x{header.height} > {self.policy.max_pixels}")
+        return header

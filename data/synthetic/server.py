@@ -4,7 +4,9 @@
         seed_url = web.url  # http://127.0.0.1:<port>/
 
 `ThreadedServer` is the start/stop/url lifecycle of an HTTP server on a background daemon thread;
-`SyntheticWeb` is one, and test-only servers (tests/support) reuse it.
+`SyntheticWeb` is one, and test-only servers (tests/support) reuse it. `MultiHostWeb` serves one built
+site on several loopback addresses (one listening socket each, bound to that address only), so that a
+crawler's per-host limits apply per host as on the real web (bench/crawl.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -282,9 +285,11 @@ class SyntheticWeb(ThreadedServer):
         host: str = "127.0.0.1",
         port: int = 0,
         private_target: str | None = None,
+        site: Site | None = None,
     ):
-        self.spec = spec or SiteSpec()
-        self.site = build_site(self.spec)
+        # `site`: an already built site (of `spec`) to serve, so several servers share its render cache
+        self.spec = site.spec if site is not None else (spec or SiteSpec())
+        self.site = site if site is not None else build_site(self.spec)
         self.private_target = private_target or DEFAULT_PRIVATE_TARGET
         self._address = (host, port)
         self._log = _RequestLog()  # outlives stop(), so a test can read it afterwards
@@ -317,4 +322,51 @@ class SyntheticWeb(ThreadedServer):
         self._log.clear()
 
 
+class MultiHostWeb:
+    """One built site served on several addresses, each by its own `SyntheticWeb` bound to that
+    address only (never 0.0.0.0), all sharing the site and so its render cache.
 
+    >>> with MultiHostWeb(SiteSpec(seed=1), ["127.0.0.10", "127.0.0.11"]) as web:
+    ...     web.urls  # ["http://127.0.0.10:<port>/", "http://127.0.0.11:<port>/"]
+
+    `port` 0 lets the OS pick one per address; a fixed port is used on every address.
+    """
+
+    def __init__(
+        self, spec: SiteSpec, hosts: Sequence[str], *, port: int = 0, private_target: str | None = None
+    ):
+        if not hosts:
+            raise ValueError("expected at least one host address")
+        if any(h in ("0.0.0.0", "::", "") for h in hosts):
+            raise ValueError("each server binds one address; a wildcard would expose the site beyond loopback")
+        self.site = build_site(spec)
+        self.webs = [
+            SyntheticWeb(host=h, port=port, private_target=private_target, site=self.site) for h in hosts
+        ]
+
+    def start(self) -> list[str]:
+        """Start every server; their base URLs, in the order of `hosts`."""
+        try:
+            return [web.start() for web in self.webs]
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for web in self.webs:
+            web.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [web.url for web in self.webs]
+
+    def requests(self) -> list[RequestRecord]:
+        """Every request handled so far by any of the servers (see `SyntheticWeb.requests`)."""
+        return [record for web in self.webs for record in web.requests()]
+
+    def __enter__(self) -> "MultiHostWeb":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
