@@ -58,24 +58,24 @@ class ClipLoss(nn.Module):
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
         rank, world = _world()
+        # fp32 logits and loss under autocast too: the products are tiny, the softmax is not forgiving
+        image_features, text_features, logit_scale = _fp32(image_features, text_features, logit_scale)
         n = image_features.shape[0]
         if world > 1:
             all_image = gather_with_grad(image_features)
             all_text = gather_with_grad(text_features)
         else:
             all_image, all_text = image_features, text_features
-        if self.local_loss or world == 1:
-            logits_per_image = logit_scale * image_features @ all_text.T  # (n, world*n)
-            logits_per_text = logit_scale * text_features @ all_image.T
-            labels = torch.arange(n, device=image_features.device) + rank * n
-        else:
-            logits_per_image = logit_scale * all_image @ all_text.T  # (world*n, world*n)
-            logits_per_text = logits_per_image.T
-            labels = torch.arange(world * n, device=image_features.device)
-        return 0.5 * (
-            F.cross_entropy(_at_least_fp32(logits_per_image), labels)
-            + F.cross_entropy(_at_least_fp32(logits_per_text), labels)
-        )
+        with _no_autocast(image_features):
+            if self.local_loss or world == 1:
+                logits_per_image = logit_scale * image_features @ all_text.T  # (n, world*n)
+                logits_per_text = logit_scale * text_features @ all_image.T
+                labels = torch.arange(n, device=image_features.device) + rank * n
+            else:
+                logits_per_image = logit_scale * all_image @ all_text.T  # (world*n, world*n)
+                logits_per_text = logits_per_image.T
+                labels = torch.arange(world * n, device=image_features.device)
+            return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
 class SigLipLoss(nn.Module):
@@ -104,15 +104,23 @@ class SigLipLoss(nn.Module):
         logit_bias: torch.Tensor,
     ) -> torch.Tensor:
         rank, world = _world()
+        image_features, text_features, logit_scale, logit_bias = _fp32(
+            image_features, text_features, logit_scale, logit_bias)
         n = image_features.shape[0]
         all_text = gather_with_grad(text_features) if world > 1 else text_features
-        logits = _at_least_fp32(logit_scale * image_features @ all_text.T + logit_bias)
+        with _no_autocast(image_features):
+            logits = logit_scale * image_features @ all_text.T + logit_bias
         signs = -torch.ones_like(logits)
         idx = torch.arange(n, device=logits.device)
         signs[idx, idx + rank * n] = 1.0
         return -F.logsigmoid(signs * logits).sum() / n
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half/bfloat16 logits (autocast) to float32; leave float32/float64 alone."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Upcast half/bfloat16 tensors (autocast) to float32; leave float32/float64 alone."""
+    return tuple(x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors)
+
+
+def _no_autocast(like: torch.Tensor):
+    """Autocast off for the logit products: under autocast a matmul of fp32 inputs still runs in bf16."""
+    return torch.autocast(like.device.type, enabled=False)

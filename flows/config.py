@@ -267,7 +267,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(EngineTrainConfig.weight_decay, ge=0)
     warmup_steps: int = Field(EngineTrainConfig.warmup_steps, ge=0)
     grad_accum: int = Field(EngineTrainConfig.grad_accum, ge=1)  # exact for the contrastive loss (features cached, then recomputed)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = EngineTrainConfig.precision  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 autocast where the device multiplies bf16 natively (CUDA with bf16; a CPU with AMX or
+    # AVX512-BF16 where a start-up matmul probe finds bf16 faster), else fp32 (clip/precision.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = EngineTrainConfig.precision
     grad_checkpointing: bool = EngineTrainConfig.grad_checkpointing
     compile: bool = EngineTrainConfig.compile  # torch.compile (needs a C++ compiler on CPU)
     grad_clip: float = Field(EngineTrainConfig.grad_clip, ge=0)  # max global gradient norm; 0: no clipping
@@ -325,6 +327,9 @@ class EvalConfig(Section):
     seed: int = 1234  # held-out: synthetic benchmarks are generated, never served by the web
     batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)  # DataLoader workers decoding benchmark images
+    # the image and text towers under bf16 autocast or not; features, logits and metrics are fp32 either
+    # way. auto: as train.precision decides it (clip/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("benchmarks")
     @classmethod

@@ -143,6 +143,9 @@ def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, c
     client.log_text(run_id, redact_urls(manifest_path.read_text()), f"manifests/{stage}/{manifest_path.name}")
 
 
+RESOLVED_PARAMS = ("precision", "precision_reason")  # string figures of a stage logged as params
+
+
 def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str, manifest: dict[str, Any],
                   manifest_path: Path | None = None) -> str:
     """A nested run for one stage of the pipeline run: the stage's config slice as params, its key,
@@ -158,6 +161,8 @@ def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str
     child = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{stage}", tags=tags)
     run_id = child.info.run_id
     flat = flatten_params(manifest.get("config", {}))
+    # what the stage resolved from its config at run time (e.g. precision: auto -> bf16 on this machine)
+    flat.update({f"resolved.{k}": v for k, v in manifest.get("counts", {}).items() if k in RESOLVED_PARAMS})
     params = [Param(k, param_value(v)) for k, v in flat.items()]
     now = int(time.time() * 1000)
     numbers = {**manifest.get("counts", {}), "seconds": manifest.get("seconds", 0.0) if status == "ran" else 0.0}

@@ -100,16 +100,20 @@ def _system_metrics(mlflow_spec: dict[str, Any], interval: float, node_rank: int
     return monitor
 
 
-def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_length: int):
+def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_length: int, precision: str):
     """The periodic held-out check: top-1 on a small benchmark that is neither trained on nor the
     final eval set."""
+    from clip.precision import resolve_precision
     from data.eval.suite import score_model
 
     root = Path(spec["root"])
     name = spec.get("name", root.name)
 
     def check(model) -> dict[str, float]:
-        m = score_model(model, tokenizer, root, context_length=context_length, batch_size=spec.get("batch_size", 256))
+        # in the precision training resolved to (the probe is cached: this costs nothing per check)
+        device = next(model.parameters()).device
+        m = score_model(model, tokenizer, root, context_length=context_length, batch_size=spec.get("batch_size", 256),
+                        precision=resolve_precision(precision, device).precision)
         return {f"{name}_acc1": m["acc1"], f"{name}_acc5": m["acc5"]}
 
     return check
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     monitor = None
     if mlflow_spec.get("run_id") and local_rank == 0 and spec.system_metrics_interval > 0:
         monitor = _system_metrics(mlflow_spec, spec.system_metrics_interval, node_rank, spec.nnodes)
-    eval_fn = _zeroshot_check(spec.zeroshot, tokenizer, spec.context_length) if spec.zeroshot else None
+    eval_fn = _zeroshot_check(spec.zeroshot, tokenizer, spec.context_length, spec.engine.precision) if spec.zeroshot else None
 
     out_dir = Path(spec.out_dir)
     try:

@@ -287,3 +287,121 @@ def test_tar_index_equals_tarfile(tmp_path, fmt):
     with tarfile.open(path) as tar:
         expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     assert _tar_members(path) == expected
+
+
+# ----------------------------------------------------------------------------- precision, batching, speed paths
+def test_batched_eval_preprocess_is_bit_identical_to_eval_transform():
+    """The suite's two-stage preprocessing (PIL per image, float maths per batch) gives eval_transform's
+    tensors exactly: grayscale, RGBA, palette, non-square, smaller and larger than the crop."""
+    from clip.transform import EvalPreprocess
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (20, 45), (90, 61))]
+    images += [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),  # MNIST-like "L"
+               Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), "RGBA"),
+               images[1].convert("P")]
+    pre, reference = EvalPreprocess(32), clip.eval_transform(32)
+    batch = pre.batch(torch.from_numpy(np.stack([pre.image(im) for im in images])))
+    expected = torch.stack([reference(im) for im in images])
+    assert batch.dtype == torch.float32 and batch.is_contiguous()
+    assert torch.equal(batch, expected)
+    with pytest.raises(ValueError, match="uint8"):
+        pre.batch(batch)
+
+
+def test_prompt_encoding_cuts_batches_to_their_longest_prompt_and_keeps_order(model_dir):
+    """encode_prompts sorts by length and trims each batch after its last EOT token; the embeddings are
+    those of the full-context, one-prompt-at-a-time encoding, in the caller's order."""
+    from clip.zeroshot import encode_prompts, trim_tokens
+
+    model, tokenizer, _ = load_model_for_eval(model_dir)
+    ctx = model.config.text.context_length
+    prompts = ["a photo of a number", "a photo of a red airplane.", "a", "a photo of a cat on a photo of a dog.",
+               "photo", "a photo of the number", "a photo of a truck."]
+    lengths = []
+    hook = model.token_embedding.register_forward_hook(lambda m, i, o: lengths.append(tuple(o.shape[:2])))
+    try:
+        got = encode_prompts(model, tokenizer, prompts, ctx, "cpu", batch_size=3)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.encode_text(tokenizer(prompts, ctx)), dim=-1)
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+    eot = tokenizer(prompts, ctx).argmax(-1)
+    assert [b for b, _ in lengths] == [3, 3, 1] and all(L < ctx for _, L in lengths)
+    assert sorted(L for _, L in lengths) == [L for _, L in lengths]  # shortest first
+    assert lengths[-1][1] == int(eot.max()) + 1
+    tokens = tokenizer(["a", "a photo of a cat"], ctx)
+    assert trim_tokens(tokens).shape[1] == int(tokens.argmax(-1).max()) + 1
+    assert encode_prompts(model, tokenizer, [], ctx, "cpu").shape == (0, model.config.embed_dim)
+
+
+def test_precision_is_resolved_once_reported_and_keys_the_classifier_cache(model_dir, tmp_path, capsys, monkeypatch):
+    from clip import precision as P
+
+    root = tmp_path / "data"
+    classification(root, "cifar10", 48, seed=1)
+    model, tokenizer, _ = load_model_for_eval(model_dir)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        runs[precision] = evaluate_suite(model, tokenizer, ["cifar10"], [root], out, cache_dir=tmp_path / "cache",
+                                         batch_size=16, progress=False, save_predictions=True, precision=precision)
+        report = json.loads((out / "results.json").read_text())
+        assert report["precision"] == precision and report["precision_reason"] == "as configured"
+        assert f"Precision: {precision}" in (out / "summary.md").read_text()
+    printed = capsys.readouterr().out
+    assert printed.count("[eval] precision: fp32 (as configured)") == 1
+    assert printed.count("[eval] precision: bf16 (as configured)") == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one head per precision, never shared
+    l32, l16 = (_predictions(tmp_path / p, "cifar10")["logits"] for p in ("fp32", "bf16"))
+    assert l32.dtype == l16.dtype == np.float32  # bf16 towers, fp32 logits
+    assert 0 < np.abs(l32 - l16).max() < 1.0  # 100 x cosine: bf16's ~3 digits, not a different model
+
+    # auto on a CPU whose probe says bf16 is slower: fp32, and the report says why
+    monkeypatch.setenv(P.PROBE_ENV, "slower")
+    P.cpu_bf16_probe.cache_clear()
+    try:
+        auto = evaluate_suite(model, tokenizer, ["cifar10"], [root], tmp_path / "auto", batch_size=16, progress=False,
+                              device="cpu")
+    finally:
+        P.cpu_bf16_probe.cache_clear()
+    assert auto["precision"] == "fp32"
+    assert "not faster" in auto["precision_reason"] and "slower" in auto["precision_reason"]
+    assert auto["tasks"]["cifar10"]["value"] == runs["fp32"]["tasks"]["cifar10"]["value"]
+
+
+def test_score_model_takes_a_precision_and_agrees_with_the_suite_in_fp32(model_dir, tmp_path):
+    from data.eval.suite import score_model
+
+    root = tmp_path / "data"
+    wds = classification(root, "cifar10", 40, seed=2)
+    model, tokenizer, _ = load_model_for_eval(model_dir)
+    ctx = model.config.text.context_length
+    fp32 = score_model(model, tokenizer, wds, context_length=ctx, batch_size=16)
+    bf16 = score_model(model, tokenizer, wds, context_length=ctx, batch_size=16, precision="bf16")
+    suite = evaluate_suite(model, tokenizer, ["cifar10"], [root], tmp_path / "out", batch_size=16, progress=False,
+                           precision="fp32")["tasks"]["cifar10"]["metrics"]
+    assert fp32["n"] == bf16["n"] == 40
+    assert fp32["acc1"] == suite["acc1"] and fp32["acc5"] == suite["acc5"]
+    assert abs(bf16["acc1"] - fp32["acc1"]) <= 0.1
+
+
+@pytest.mark.slow
+def test_compiled_vision_blocks_match_eager_and_leave_the_model_alone(model_dir, tmp_path, capsys):
+    """compile=True: the ViT blocks run through torch.compile on shallow copies (the caller's model keeps
+    its plain blocks), a short last batch runs eagerly, and the logits are eager's up to bf16 rounding."""
+    root = tmp_path / "data"
+    classification(root, "cifar10", 40, seed=3)  # batches of 16, 16, 8: the last one runs eagerly
+    model, tokenizer, _ = load_model_for_eval(model_dir)
+    blocks = list(model.visual.transformer.resblocks)
+    logits = {}
+    for compiled in (False, True):
+        evaluate_suite(model, tokenizer, ["cifar10"], [root], tmp_path / str(compiled), batch_size=16, progress=False,
+                       save_predictions=True, precision="bf16", compile=compiled)
+        logits[compiled] = _predictions(tmp_path / str(compiled), "cifar10")["logits"]
+    assert "torch.compile failed" not in capsys.readouterr().out  # it did compile, no eager fallback
+    assert list(model.visual.transformer.resblocks) == blocks
+    assert all(type(b).__name__ == "ResidualBlock" for b in model.visual.transformer.resblocks)
+    assert np.abs(logits[True] - logits[False]).max() < 1.0
+    np.testing.assert_array_equal(logits[True][32:], logits[False][32:])  # the eager last batch

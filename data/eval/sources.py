@@ -88,7 +88,9 @@ def fingerprint_files(paths: list[Path], base: Path) -> tuple[str, str]:
 def _decode(data: bytes, where: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            im.load()  # decode now, inside the try: a truncated file fails here, naming the sample
+            # an RGB image is returned as decoded: convert("RGB") would copy every pixel for nothing
+            return im if im.mode == "RGB" else im.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise BenchmarkDataError(f"{where}: undecodable image ({type(exc).__name__}: {exc})") from None
 

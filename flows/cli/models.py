@@ -68,7 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     report = evaluate_suite(model, tokenizer, tasks, roots, out, model_label=label,
                             batch_size=args.batch_size, num_workers=args.workers,
-                            cache_dir=out / "cache", save_predictions=args.save_predictions)
+                            cache_dir=out / "cache", save_predictions=args.save_predictions,
+                            precision=args.precision)
     print(f"{report['tasks_ran']} of {report['tasks_total']} tasks ran; mean {report['mean_score']:.4f}; "
           f"reports in {args.out}/ (summary.md, results.json, results.csv, results.png)")
     return 0
@@ -153,6 +154,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     e.add_argument("--tracking-uri", help="MLflow store for models:/ URIs")
     e.add_argument("--save-predictions", action="store_true", help="also write predictions/<task>.npz")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="towers under bf16 autocast or fp32; auto: bf16 where the device has fast bf16 "
+                        "matrix units (a CPU is probed), else fp32 (default: auto)")
     e.set_defaults(fn=cmd_eval)
 
     for name, fn, text in (("promote", cmd_promote, "point @champion (or --alias) at a model version"),

@@ -49,12 +49,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     report = evaluate_suite(
         model, tokenizer, e.benchmarks, [ctx.work_dir / "benchmarks", *map(Path, e.data_roots)],
         ctx.out_dir, model_label=str(train_dir), overlap=overlap, batch_size=e.batch_size,
-        num_workers=e.num_workers, cache_dir=ctx.work_dir / "cache" / "classifiers",
+        num_workers=e.num_workers, cache_dir=ctx.work_dir / "cache" / "classifiers", precision=e.precision,
     )  # fmt: skip
     if report["tasks_ran"] == 0:  # nothing to register a model on; the reports say why per task
         raise UserError(f"none of the {report['tasks_total']} eval tasks ran (eval.benchmarks, eval.data_roots): "
                         f"see {ctx.out_dir / 'summary.md'}")
-    counts: dict[str, Any] = {k: report[k] for k in ("mean_score", "tasks_ran", "tasks_total", "tasks_failed")}
+    counts: dict[str, Any] = {k: report[k] for k in ("mean_score", "tasks_ran", "tasks_total", "tasks_failed",
+                                                     "precision", "precision_reason")}
     for name, t in report["tasks"].items():
         if t["status"] == "ran":
             counts[f"{name}_score"] = t["value"]
