@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from data.common.files import atomic_write_json
 from flows.locks import LockHeld, describe_holder, hold
 from flows.retries import mlflow_call
-from flows.tracking import sqlite_db_path
+from flows.tracking import sqlite_db_path, tracking_client
 
 # A model directory: these two, plus one tokenizer file (clip.tokenizer.TOKENIZER_FILES: witclip's
 # tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz for imported OpenAI weights).
@@ -358,7 +358,7 @@ def register_model(
     _, missing = model_dir_files(train_dir)
     if missing:
         raise FileNotFoundError(f"{train_dir} lacks {', '.join(missing)}: run the train stage first")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking_client(tracking_uri)
     mean_score = float(eval_results["mean_score"])
     ran = {name: r for name, r in eval_results["tasks"].items() if r["status"] == "ran"}
     version = log_clip_model(model_dir=train_dir, run_id=run_id, tracking_uri=tracking_uri, model_name=model_name)

@@ -49,10 +49,14 @@ def param_value(value: Any) -> str:
     return redact_urls(str(value))[:6000]
 
 
-def _client(uri: str) -> Any:
+def tracking_client(uri: str) -> Any:
+    """An MlflowClient on ``uri``. Constructing one opens the store, and on a sqlite file that creates and
+    migrates the schema: done under the store's setup lock, so two processes starting at once on a fresh
+    store do not both run CREATE TABLE."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    with _setup_lock(uri):
+        return MlflowClient(tracking_uri=uri)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -103,7 +107,7 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
     """One MLflow run per (pipeline run name, config): re-invocations with the same config reuse it."""
     from mlflow.entities import Param
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     with _setup_lock(tracking_uri):
         exp_id = _experiment_id(client, experiment)
     found = client.search_runs(
@@ -125,7 +129,7 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, config_
 def log_stage(tracking_uri: str, run_id: str, stage: str, manifest_path: Path, counts: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     now = int(time.time() * 1000)
     numbers = dict(counts)
     for reason, n in (counts.get("reasons") or {}).items():  # crawl: one metric per status reason
@@ -152,7 +156,7 @@ def log_stage_run(tracking_uri: str, parent_run_id: str, stage: str, status: str
     status and provenance as tags, its figures as metrics, its manifest as an artifact."""
     from mlflow.entities import Metric, Param
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     tags = {"mlflow.parentRunId": parent_run_id, "witclip.stage": stage, "witclip.stage_status": status,
             "witclip.run_name": parent.data.tags.get("witclip.run_name", ""), "witclip.stage_key": manifest.get("key", "")}
@@ -191,7 +195,7 @@ def flatten_params(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     for p in paths:
         if p.exists():
             client.log_artifact(run_id, str(p), artifact_path=artifact_path)

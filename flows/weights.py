@@ -211,11 +211,9 @@ def import_weights(
     Returns {version, model_uri, sha256, config, alias, run_id, model_dir, source_dtype, loaded_with}.
     `config` is the name of the bundled config the weights match (e.g. "ViT-B-32"), or None.
     """
-    from mlflow.tracking import MlflowClient
-
     from clip.checkpoint import save_model
     from flows.registry import log_clip_model
-    from flows.tracking import check_tracking_uri
+    from flows.tracking import check_tracking_uri, tracking_client
 
     _check_alias(alias)
     pin, pinned_by = resolve_pin(source, sha256)
@@ -262,7 +260,7 @@ def import_weights(
         lineage["source_file"] = ckpt_path.name
     atomic_write_json(model_dir.parent / f"{sha[:16]}.import.json", lineage)
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=f"import-{config_name or 'openai'}-{sha[:8]}",

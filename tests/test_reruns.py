@@ -302,3 +302,16 @@ def test_editing_one_stage_reruns_it_and_what_follows_and_nothing_above(shared_w
     commits = [t["code_version"] for t in tags]
     assert len(set(commits)) == 3 and all(len(c) == 40 for c in commits[1:]), commits
     assert len({t["source_fingerprint"] for t in tags}) == 3
+
+
+def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    """Opening an MlflowClient creates and migrates a new sqlite store; four processes doing it at once
+    (as two pipeline runs on one store do) all get a working store: flows.tracking.tracking_client takes
+    the store's setup lock around it. (Bare MlflowClient constructions fail here with "table ... already
+    exists" in most processes.)"""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from flows.tracking import tracking_client; tracking_client(sys.argv[1]).search_experiments()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [e[-600:] for e in errors if e]

@@ -9,7 +9,12 @@ from pathlib import Path
 from flows.cli.benchmarks import data_roots, select_tasks
 from flows.cli.paths import writable_out_dir
 from flows.errors import UserError
-from flows.tracking import DEFAULT_TRACKING_URI, check_tracking_uri, tracking_uri
+from flows.tracking import (
+    DEFAULT_TRACKING_URI,
+    check_tracking_uri,
+    tracking_client,
+    tracking_uri,
+)
 from flows.weights import DEFAULT_IMPORTS_DIR
 
 TRACKING_HELP = f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})"
@@ -77,10 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _registry_client(explicit: str | None):
     """(tracking URI, MlflowClient on it) for the alias commands; the URI also names the alias lock."""
-    from mlflow.tracking import MlflowClient
-
     uri = _store(explicit)
-    return uri, MlflowClient(tracking_uri=uri)
+    return uri, tracking_client(uri)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
