@@ -1,6 +1,6 @@
 """Zero-shot evaluation speed on CPU: witclip's ``evaluate_suite`` vs CLIP_benchmark, each at its defaults.
 
-    .venv/bin/python bench/eval.py                  # tiny: 3,000 images; ViT-B-32: 300 (~4 min)
+    .venv/bin/python bench/eval.py                  # tiny: 3,000 images; ViT-B-32: 300 (~3 min idle)
     .venv/bin/python bench/eval.py --quick          # 600 + 120 images, fewer rounds: a smoke run
     .venv/bin/python bench/eval.py --workers 0,2    # comma-separated DataLoader worker counts (tiny)
     .venv/bin/python bench/eval.py --no-vit         # the tiny rows only
@@ -14,11 +14,17 @@ Who runs how ("defaults" = what a user gets without asking for anything):
   ``clip.precision.resolve_precision`` (bf16 autocast on a CPU with AVX512-BF16/AMX whose matmul
   probe finds bf16 faster, else fp32; the table says which and why), ``compile=None`` (auto:
   off at these sizes, see ``data.eval.suite.COMPILE_AUTO_MIN_TFLOP``).
+  Batch 256 (``evaluate_suite``'s default).
 * CLIP_benchmark at its defaults: ``metrics.zeroshot_classification.evaluate(..., amp=True)``, its
   default and its CLI's (``--no_amp`` turns it off): ``torch.autocast("cpu")``, whose CPU dtype is
-  bf16, around the text tower, the image tower *and* its logits.
-* the fp32 pair: ``precision="fp32"`` vs ``amp=False``. Here the two must agree exactly: same
-  transform, same fp32 operations, so acc1 / acc5 / mean per-class recall are compared with ``==``.
+  bf16, around the text tower, the image tower *and* its logits; batch 64, its CLI's
+  ``--batch_size`` default (``--cb-batch-size``).
+* the fp32 pair: ``precision="fp32"`` vs ``amp=False``, both at batch 256. Here the two must agree
+  exactly: same transform, same batches, same fp32 operations, so acc1 / acc5 / mean per-class
+  recall are compared with ``==``.
+
+Workers: 0 on both sides (witclip's default; CLIP_benchmark's CLI default of 4 cannot read a
+one-shard set, see below, and would oversubscribe a 2-core machine).
 
 Data: the synthetic "colour" benchmark (6 classes, 7 prompt templates), JPEG at 64 px, written by
 ``data.eval.synthetic.build_synthetic_benchmark`` in CLIP_benchmark's webdataset layout
@@ -57,12 +63,13 @@ What is timed, per evaluation of the whole dataset, wall clock around the librar
   the table says so when that happens.
 
 Both use the same image transform (``clip.eval_transform(image_size)``, which witclip runs split in
-two stages, bit-identically), batch size (256), worker count, ``torch.set_num_threads(cores)``;
+two stages, bit-identically), worker count, ``torch.set_num_threads(cores)``;
 tqdm bars are off on both sides. Within a round the order alternates (witclip, CLIP_benchmark,
 CLIP_benchmark, witclip, ...) so machine noise hits both; images/s = images / wall seconds, median
 over rounds. Rounds: tiny 3 to 6 at 0 workers (4 evaluations each: both pairs), 2 to 3 at each
-further worker count (the default pair only); ViT-B-32 1 to 2 (default pair). Past a row's
-minimum, no round is begun that would end after that row's share of ``--budget-s`` (240 s).
+further worker count (the default pair only); ViT-B-32 2 to 3 (the default pair; with ``--compile``
+also the compile pair). Past a row's minimum, no round is begun that would end after that row's
+share of ``--budget-s`` (240 s): tiny up to 45% of it, ViT-B-32 up to 97%.
 
 ``ratio`` (the headline) = witclip / CLIP_benchmark, both at their defaults, tiny, the first worker
 count: medians of each side's rounds. ``ratio_paired`` = median over rounds of the ratio within a
@@ -129,7 +136,7 @@ VIT = "ViT-B-32"
 
 # samples per class (tiny, ViT-B-32); (min, max) rounds: tiny at the first worker count, tiny at each
 # further one, ViT-B-32
-PLAN = {"full": ((500, 50), (3, 6), (2, 3), (1, 2)), "quick": ((100, 20), (1, 2), (1, 1), (1, 1))}
+PLAN = {"full": ((500, 50), (3, 6), (2, 3), (2, 3)), "quick": ((100, 20), (1, 2), (1, 1), (1, 1))}
 BUDGET_S = 240.0
 FINETUNE_STEPS = 60
 
@@ -262,8 +269,9 @@ def patch_clip_benchmark() -> str:
                 f"({exc}); replaced by an equivalent that uses .item()")
 
 
-def eval_clip_benchmark(model, tok, root: Path, *, batch_size: int, workers: int, amp: bool = True) -> tuple[float, dict]:
-    """(wall seconds, CLIP_benchmark's metrics dict). ``amp=True`` is its default."""
+def eval_clip_benchmark(model, tok, root: Path, *, batch_size: int = 64, workers: int = 0,
+                        amp: bool = True) -> tuple[float, dict]:
+    """(wall seconds, CLIP_benchmark's metrics dict). ``amp=True`` is its default, batch 64 its CLI's."""
     from clip_benchmark.metrics import zeroshot_classification
 
     ctx = model.config.text.context_length
@@ -342,19 +350,24 @@ def flops_per_image(model) -> float:
     return counter.get_total_flops() / 8
 
 
-def tower_img_s(model, precision: str, batch: int, repeats: int = 3) -> float:
-    """The image tower alone on a random batch, witclip's way (no_grad, one autocast context),
-    best of ``repeats`` after a warm-up: the ceiling of what any data pipeline could feed it."""
+def tower_img_s(model, precision: str, batch: int, repeats: int = 3, compiled: bool = False) -> float:
+    """The image tower alone on a random batch, the way evaluate_suite runs it (no_grad, one autocast
+    context, the batch in its CPU slices; ``compiled``: its torch.compile'd blocks), best of
+    ``repeats`` after a warm-up: the ceiling of what any data pipeline could feed it."""
     from clip.precision import autocast
+    from data.eval.suite import _compiled_vision, _slice_size
 
     size = model.config.vision.image_size
     x = torch.randn(batch, 3, size, size)
+    step = _slice_size(model, precision, "cpu", batch)
+    tower = _compiled_vision(model) if compiled else model.visual
     best = float("inf")
     with torch.no_grad(), autocast(precision, "cpu"):
-        model.encode_image(x)
+        tower(x[:step])
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.encode_image(x)
+            for start in range(0, batch, step):
+                tower(x[start:start + step])
             best = min(best, time.perf_counter() - t0)
     return batch / best
 
@@ -414,7 +427,8 @@ def main() -> None:
                     help="seconds after which no further round is begun once a row's minimum is done")
     ap.add_argument("--workers", default="0", help="comma-separated DataLoader worker counts (tiny); the first "
                                                    "is the headline, further ones time the default pair only")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="witclip's, and both sides' in the fp32 pair")
+    ap.add_argument("--cb-batch-size", type=int, default=64, help="CLIP_benchmark's in the default pairs (its CLI's)")
     ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-32 row")
     ap.add_argument("--compile", action="store_true", help="ViT-B-32 row: also witclip with compile=True")
     args = ap.parse_args()
@@ -424,7 +438,7 @@ def main() -> None:
     if args.rounds:
         rounds_first = rounds_more = rounds_vit = (args.rounds, args.rounds)
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
-    bs = args.batch_size
+    bs, cb_bs = args.batch_size, args.cb_batch_size
 
     torch.set_num_threads(CORES)
     t_start = time.perf_counter()
@@ -443,8 +457,8 @@ def main() -> None:
         n = 6 * spc
         patch_note = patch_clip_benchmark()
         check = cross_check(model, tok, root, tmp / "check", bs)
-        for amp in (True, False):  # warm-up: the probe, autocast's and oneDNN's first-call costs
-            eval_clip_benchmark(model, tok, root, batch_size=bs, workers=0, amp=amp)
+        for amp, b in ((True, cb_bs), (False, bs)):  # warm-up: autocast's and oneDNN's first-call costs
+            eval_clip_benchmark(model, tok, root, batch_size=b, workers=0, amp=amp)
         eval_witclip(model, tok, root, tmp / "warm", batch_size=bs, workers=0)
 
         out_dir = tmp / "out"
@@ -454,7 +468,7 @@ def main() -> None:
             data = root if w <= 1 else reshard(root, tmp / f"{w}-shards" / DATASET, w)
             pairs = {"default": {
                 "witclip": lambda d=data, w=w: eval_witclip(model, tok, d, out_dir, batch_size=bs, workers=w),
-                "clip_benchmark": lambda d=data, w=w: eval_clip_benchmark(model, tok, d, batch_size=bs, workers=w)}}
+                "clip_benchmark": lambda d=data, w=w: eval_clip_benchmark(model, tok, d, batch_size=cb_bs, workers=w)}}
             if i == 0:
                 pairs["fp32"] = {
                     "witclip": lambda: eval_witclip(model, tok, root, out_dir, batch_size=bs, workers=0, precision="fp32"),
@@ -479,14 +493,16 @@ def main() -> None:
                                                                      workers=0, amp=False)[1])}
             pairs = {"default": {
                 "witclip": lambda: eval_witclip(vmodel, tok, vroot, out_dir, batch_size=bs, workers=0),
-                "clip_benchmark": lambda: eval_clip_benchmark(vmodel, tok, vroot, batch_size=bs, workers=0)}}
+                "clip_benchmark": lambda: eval_clip_benchmark(vmodel, tok, vroot, batch_size=cb_bs, workers=0)}}
             if args.compile:
                 pairs["compile"] = {
                     "witclip": lambda: eval_witclip(vmodel, tok, vroot, out_dir, batch_size=bs, workers=0, compile=True),
-                    "clip_benchmark": lambda: eval_clip_benchmark(vmodel, tok, vroot, batch_size=bs, workers=0)}
+                    "clip_benchmark": lambda: eval_clip_benchmark(vmodel, tok, vroot, batch_size=cb_bs, workers=0)}
             res = bench(pairs, n_vit, rounds=rounds_vit, deadline=t_start + 0.97 * args.budget_s)
             vit = {"n": n_vit, "res": res, "fp32": v_fp32, "flops": flops_per_image(vmodel),
                    "tower": tower_img_s(vmodel, choice.precision, 64, repeats=2)}
+            if args.compile:
+                vit["tower_compiled"] = tower_img_s(vmodel, choice.precision, 64, repeats=2, compiled=True)
         ceil.append(measure_matmul(2048, 3))
         shard_mib = (root / "test" / "0.tar").stat().st_size / 2**20
     total = time.perf_counter() - t_start
@@ -502,7 +518,8 @@ def main() -> None:
           f"(torch.autocast('cpu') = bf16)")
     print(f"models: 'tiny' fine-tuned {FINETUNE_STEPS} steps (loss {loss0:.2f} -> {loss1:.2f}); "
           f"'{VIT}' random weights on {vit['n'] if vit else 0} of the images, upsampled to 224 px; "
-          f"batch {bs}, {CORES} torch threads, torch {torch.__version__}")
+          f"batch: witclip {bs}, CLIP_benchmark {cb_bs} (fp32 pair: both {bs}); {CORES} torch threads, "
+          f"torch {torch.__version__}")
     if patch_note:
         print(f"note: {patch_note}")
     hdr = (f"{'model':<9} {'workers':>7} {'pair':<8} {'impl':<15} {'images/s':>9} {'round min..max':>16} "
@@ -565,6 +582,10 @@ def main() -> None:
               f"{a / bf16_ceiling:6.1%} of bf16, {a / fp32_ceiling:6.1%} of fp32; image tower alone "
               f"({choice.precision}, {tower:.0f} img/s) {t:7.1f} GFLOP/s = {t / bf16_ceiling:6.1%} of bf16, "
               f"{t / fp32_ceiling:6.1%} of fp32")
+    if vit and "tower_compiled" in vit:
+        t = vit["flops"] * vit["tower_compiled"] / 1e9
+        print(f"  {VIT} image tower compiled ({choice.precision}, {vit['tower_compiled']:.0f} img/s, compilation "
+              f"excluded) {t:7.1f} GFLOP/s = {t / bf16_ceiling:6.1%} of bf16")
     print(f"total wall time {total:.1f}s")
 
     summary = {
@@ -572,6 +593,7 @@ def main() -> None:
         "dataset": DATASET,
         "n": n,
         "batch_size": bs,
+        "clip_benchmark_batch_size": cb_bs,
         "workers": rows[0][1],
         "threads": CORES,
         "precision": tiny_def["precision"],
@@ -621,12 +643,14 @@ def main() -> None:
             "vit_b_32_gflop_per_image": round(fr[VIT]["gflop_per_image"], 3),
             "vit_b_32_e2e_frac_bf16_ceiling": round(fr[VIT]["e2e_gflops"] / bf16_ceiling, 4),
             "vit_b_32_e2e_frac_fp32_ceiling": round(fr[VIT]["e2e_gflops"] / fp32_ceiling, 4),
+            "vit_b_32_tower_img_s": round(vit["tower"], 2),
             "vit_b_32_tower_frac_bf16_ceiling": round(fr[VIT]["tower_gflops"] / bf16_ceiling, 4),
         })
         if "compile" in vit["res"]:
             vc = vit["res"]["compile"]
             summary["vit_b_32_compiled_img_s"] = round(vc["img_s"]["witclip"], 2)
             summary["vit_b_32_compiled_ratio"] = round(vc["ratio"], 4)
+            summary["vit_b_32_tower_compiled_img_s"] = round(vit["tower_compiled"], 2)
     print(json.dumps(summary))
 
 

@@ -405,3 +405,53 @@ def test_compiled_vision_blocks_match_eager_and_leave_the_model_alone(model_dir,
     assert all(type(b).__name__ == "ResidualBlock" for b in model.visual.transformer.resblocks)
     assert np.abs(logits[True] - logits[False]).max() < 1.0
     np.testing.assert_array_equal(logits[True][32:], logits[False][32:])  # the eager last batch
+
+
+def test_compile_auto_rule_and_the_flop_estimate():
+    """compile=None compiles only big reduced-precision CPU tasks; the FLOP estimate behind it is
+    FlopCounterMode's count for ViT-B-32 (8.818 GFLOP per image)."""
+    from types import SimpleNamespace
+
+    from data.eval.suite import _slice_size, _want_compile, vit_flops_per_image
+
+    vit = SimpleNamespace(config=clip.get_config("ViT-B-32"))
+    assert vit_flops_per_image(vit) == pytest.approx(8.818e9, rel=1e-3)
+    assert vit_flops_per_image(SimpleNamespace(config=clip.get_config("RN50"))) == 0.0
+    assert _want_compile(None, vit, 10_000, "bf16", "cpu") and not _want_compile(None, vit, 1_000, "bf16", "cpu")
+    assert not _want_compile(None, vit, 10_000, "fp32", "cpu") and not _want_compile(None, vit, 10_000, "bf16", "cuda")
+    assert _want_compile(True, vit, 10, "fp32", "cpu") and not _want_compile(False, vit, 10**6, "bf16", "cpu")
+    assert _slice_size(vit, "bf16", "cpu", 256) == 32 and _slice_size(vit, "fp32", "cpu", 256) == 256
+    assert _slice_size(vit, "bf16", "cuda", 256) == 256 and _slice_size(vit, "bf16", "cpu", 20) == 20
+
+
+def test_bf16_on_cpu_encodes_in_cache_sized_slices_in_order(model_dir, tmp_path, monkeypatch):
+    """Reduced precision on a CPU: each DataLoader batch goes through the image tower in slices; the
+    features come back in dataset order (same targets, logits equal up to bf16 rounding). fp32 keeps
+    whole batches, CLIP_benchmark's computation."""
+    from data.eval import suite
+
+    root = tmp_path / "data"
+    classification(root, "cifar10", 40, seed=4)
+    model, tokenizer, _ = load_model_for_eval(model_dir)
+    v = model.config.vision
+    one_image = (v.grid_size**2 + 1) * int(v.width * v.mlp_ratio) * 2
+    sizes = []
+    hook = model.visual.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        runs = {}
+        for name, budget in (("whole", suite.CPU_SLICE_BYTES), ("sliced", 8 * one_image)):
+            monkeypatch.setattr(suite, "CPU_SLICE_BYTES", budget)
+            sizes.clear()
+            evaluate_suite(model, tokenizer, ["cifar10"], [root], tmp_path / name, batch_size=16, progress=False,
+                           save_predictions=True, precision="bf16")
+            runs[name] = (_predictions(tmp_path / name, "cifar10"), list(sizes))
+        sizes.clear()
+        evaluate_suite(model, tokenizer, ["cifar10"], [root], tmp_path / "fp32", batch_size=16, progress=False,
+                       precision="fp32")
+        fp32_sizes = list(sizes)
+    finally:
+        hook.remove()
+    assert runs["whole"][1] == [16, 16, 8] and runs["sliced"][1] == [8, 8, 8, 8, 8] and fp32_sizes == [16, 16, 8]
+    whole, sliced = runs["whole"][0], runs["sliced"][0]
+    np.testing.assert_array_equal(whole["targets"], sliced["targets"])
+    assert np.abs(whole["logits"] - sliced["logits"]).max() < 1.0
