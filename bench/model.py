@@ -46,8 +46,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import clip  # noqa: E402
+from bench.ceilings import MatmulCeilings  # noqa: E402
 from clip.loss import ClipLoss  # noqa: E402
-from clip.precision import autocast, measure_matmul, resolve_precision  # noqa: E402
+from clip.precision import autocast, resolve_precision  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -55,7 +56,6 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 PLAN = {"tiny": (32, 2, 8, 3), "ViT-B-32": (8, 1, 6, 1)}
 QUICK_PLAN = {"tiny": (32, 1, 2, 2), "ViT-B-32": (8, 1, 2, 1)}
 PAIRINGS = ("bf16", "fp32")
-CEILING_SIZE, CEILING_REPEATS = 2048, 5
 
 
 def open_clip_model(name: str, cfg) -> tuple[torch.nn.Module | None, str]:
@@ -159,11 +159,6 @@ def bench_config(name: str, plan: tuple[int, int, int, int], witclip_precision: 
     return out
 
 
-def ceilings() -> dict[str, float]:
-    probe = measure_matmul(CEILING_SIZE, CEILING_REPEATS)
-    return {"bf16": probe.bf16_gflops, "fp32": probe.fp32_gflops}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -176,17 +171,15 @@ def main() -> None:
     choice = resolve_precision("auto", "cpu")
     print(f"witclip default precision: {choice}")
     # measured before and after every config: noise only lowers a best-of, so the highest is kept
-    measured = [ceilings()]
+    ceilings = MatmulCeilings()
     results = {}
     for name in plan:
         results[name] = bench_config(name, plan[name], choice.precision)
-        measured.append(ceilings())
-    ceil = {k: max(m[k] for m in measured) for k in measured[0]}
+        ceilings.measure()
+    ceil = {"bf16": ceilings.bf16, "fp32": ceilings.fp32}
 
     print(f"\nforward+backward on CPU, {CORES} torch threads, torch {torch.__version__}")
-    each = {k: ", ".join(f"{m[k]:.0f}" for m in measured) for k in ceil}
-    print(f"matmul ceilings ({CEILING_SIZE}^2, best of {CEILING_REPEATS}, highest of {len(measured)} measurements): "
-          f"bf16 {ceil['bf16']:.0f} GFLOP/s ({each['bf16']}), fp32 {ceil['fp32']:.0f} GFLOP/s ({each['fp32']})")
+    print(ceilings.describe())
     hdr = (f"{'config':<9} {'pair':<5} {'impl':<10} {'precision':<9} {'params (M)':>10} {'batch':>5} "
            f"{'samples/s':>10} {'mean':>8} {'round min..max':>16} {'GFLOP/s':>8} {'%bf16 ceil':>10} "
            f"{'%fp32 ceil':>10} {'vs open_clip':>12}")

@@ -86,7 +86,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import clip  # noqa: E402
-from clip.precision import autocast, measure_matmul  # noqa: E402
+from bench.ceilings import MatmulCeilings  # noqa: E402
+from clip.precision import autocast  # noqa: E402
 from clip.train import TrainConfig, TrainStep, retain_freed_memory  # noqa: E402
 
 THREADS = os.cpu_count() or 1
@@ -101,7 +102,6 @@ QUICK_PLAN = {"tiny": (32, 2, 2, 4), "ViT-B-32": (8, 1, 2, 1)}
 JSON_KEY = {"tiny": "tiny", "ViT-B-32": "vit_b32"}
 # pairing -> (witclip TrainConfig.precision, open_clip args.precision)
 PAIRINGS = {"bf16": ("auto", "amp_bf16"), "fp32": ("fp32", "fp32")}
-CEILING_SIZE, CEILING_REPEATS = 2048, 5
 
 
 # -----------------------------------------------------------------------------
@@ -330,12 +330,6 @@ def bench_config(name: str, pairing: str, plan: tuple[int, int, int, int]) -> di
     return res
 
 
-def ceilings() -> dict[str, float]:
-    """Best-of-repeats 2048^2 matmul GFLOP/s in bf16 and fp32 on this process's threads."""
-    probe = measure_matmul(CEILING_SIZE, CEILING_REPEATS)
-    return {"bf16": probe.bf16_gflops, "fp32": probe.fp32_gflops}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
@@ -354,20 +348,18 @@ def main() -> None:
     busy0 = _cpu_seconds()
     t_start = time.perf_counter()
     # measured before and after every pairing: noise only lowers a best-of, so the highest is kept
-    measured = [ceilings()]
+    ceilings = MatmulCeilings()
     results = {}
     for name in names:
         for pairing in PAIRINGS:
             results[name, pairing] = bench_config(name, pairing, plan[name])
-            measured.append(ceilings())
-    ceil = {k: max(m[k] for m in measured) for k in measured[0]}
+            ceilings.measure()
+    ceil = {"bf16": ceilings.bf16, "fp32": ceilings.fp32}
 
     print(f"\ntraining step (fwd + InfoNCE + bwd + clip + AdamW + schedule), CPU, {THREADS} threads, "
           f"torch {torch.__version__}, open_clip {open_clip.__version__}")
     print(f"glibc malloc retains freed memory (clip.train.retain_freed_memory): {retained}")
-    each = {k: ", ".join(f"{m[k]:.0f}" for m in measured) for k in ceil}
-    print(f"matmul ceilings ({CEILING_SIZE}^2, best of {CEILING_REPEATS}, highest of {len(measured)} measurements): "
-          f"bf16 {ceil['bf16']:.0f} GFLOP/s ({each['bf16']}), fp32 {ceil['fp32']:.0f} GFLOP/s ({each['fp32']})")
+    print(ceilings.describe())
     hdr = (f"{'config':<9} {'pair':<5} {'impl':<10} {'precision':<9} {'batch':>5} {'steps':>5} {'ms/step':>9} "
            f"{'min..max ms':>13} {'samples/s':>10} {'round avg':>10} {'GFLOP/step':>10} {'GFLOP/s':>8} "
            f"{'%bf16 ceil':>10} {'%fp32 ceil':>10} {'vs open_clip':>12}")

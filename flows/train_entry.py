@@ -103,17 +103,15 @@ def _system_metrics(mlflow_spec: dict[str, Any], interval: float, node_rank: int
 def _zeroshot_check(spec: dict[str, Any], tokenizer: CaptionTokenizer, context_length: int, precision: str):
     """The periodic held-out check: top-1 on a small benchmark that is neither trained on nor the
     final eval set."""
-    from clip.precision import resolve_precision
     from data.eval.suite import score_model
 
     root = Path(spec["root"])
     name = spec.get("name", root.name)
 
     def check(model) -> dict[str, float]:
-        # in the precision training resolved to (the probe is cached: this costs nothing per check)
-        device = next(model.parameters()).device
+        # train.precision as training resolved it: "auto" resolves the same on rank 0 (the probe is cached)
         m = score_model(model, tokenizer, root, context_length=context_length, batch_size=spec.get("batch_size", 256),
-                        precision=resolve_precision(precision, device).precision)
+                        precision=precision)
         return {f"{name}_acc1": m["acc1"], f"{name}_acc5": m["acc5"]}
 
     return check
